@@ -1,0 +1,47 @@
+"""Object stores hold experiment artifacts: ``file://``, ``s3://`` and ``gs://`` each implement ObjectStore.
+
+Errors say whether trying again may help: ``ObjectNotFound`` and ``AccessDenied`` will not pass by themselves,
+``TransientStorageError`` may (the experiment is then requeued with backoff as an infrastructure outcome).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class StorageError(Exception):
+    """An artifact could not be read or written."""
+
+
+class ObjectNotFound(StorageError):
+    pass
+
+
+class AccessDenied(StorageError):
+    pass
+
+
+class TransientStorageError(StorageError):
+    """A failure that may pass: network, throttling, a server error."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    url: str
+    size: int
+    etag: str  # content identity: equal etags mean equal bytes (used as the cache key)
+
+
+class ObjectStore(Protocol):
+    scheme: str
+
+    async def stat(self, url: str) -> ObjectInfo: ...
+
+    async def download(self, url: str, dest: Path) -> ObjectInfo:
+        """Write the object to ``dest`` (created or replaced atomically) and return what was read."""
+
+    async def upload(self, src: Path, url: str) -> None: ...
+
+    async def close(self) -> None: ...
