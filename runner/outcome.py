@@ -71,8 +71,6 @@ def settle(outcome: Outcome, attempt: int, policy: SettlePolicy, reason: str = "
             return Settlement(Action.DEAD_LETTER, reason=reason)
         case Outcome.INFRASTRUCTURE:
             if attempt >= policy.max_deliveries:
-                return Settlement(
-                    Action.DEAD_LETTER, reason=f"{reason} (gave up after {attempt} deliveries)".strip()
-                )
+                return Settlement(Action.DEAD_LETTER, reason=f"{reason} (gave up after {attempt} deliveries)".strip())
             return Settlement(Action.REQUEUE, policy.backoff(attempt), reason)
     raise AssertionError(f"unknown outcome {outcome!r}")
