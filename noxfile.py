@@ -1,0 +1,31 @@
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s bench``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite, unit and integration (real servers are started by fixtures)."""
+    session.install("-e", ".[test]")
+    # pytest exits 5 when it collected nothing; nox fails on any non-zero exit, so an empty run fails.
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", "runner", "tests", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "runner", "tests", "bench", "noxfile.py")
+    session.run("mypy", "--strict", "runner")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks print their figures next to a baseline measured in the same run."""
+    session.install("-e", ".[test]")
+    session.run("python", "bench/dispatch.py", *session.posargs)

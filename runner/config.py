@@ -1,0 +1,679 @@
+"""Runner settings: every option is a command-line flag and, failing that, an environment variable.
+
+The environment rule is studio-go-runner's (``envflag``): an option not given on the command line is read from the
+variable named by upper-casing the flag and replacing ``-`` and ``.`` with ``_`` (``--queue-match`` ->
+``QUEUE_MATCH``); the command line wins. Flags also accept Go's single-dash spelling (``-queue-match x``) so existing
+manifests keep working. Unlike the Go runner, which ignored values it could not parse, every value is validated and
+all problems are reported together, so one restart fixes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+import platformdirs
+
+from runner.queues.matcher import DEFAULT_MATCH, QueueMatcher
+from runner.units import DURATION_FORM, SIZE_FORM, format_duration, format_size, parse_duration, parse_size
+
+PROG = "python -m runner"
+APP_NAME = "studio-runner"
+
+_TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
+_LOG_FORMATS = ("auto", "text", "json")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one readable sentence per bad option."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems: list[str] = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def main_error(err: ConfigError) -> str:
+    """The text to print on stderr before exiting with code 2."""
+    return "\n".join(["studio-runner: invalid configuration:", *(f"  - {problem}" for problem in err.problems)])
+
+
+@dataclass(frozen=True)
+class Settings:
+    working_dir: Path
+    queue_root: Path
+    queue_match: str
+    queue_mismatch: str
+    cache_dir: Path
+    cache_size: int  # bytes; 0 disables the artifact cache
+    env_cache_dir: Path
+    max_cores: int  # 0 = all logical CPUs
+    max_mem: int  # bytes; 0 = all available RAM
+    max_disk: int  # bytes all experiments together may reserve; 0 = free space above a 10 % reserve
+    cpu_only: bool
+    debug: bool
+    allow_env_secrets: bool
+    prom_address: str  # "" when the HTTP server is off
+    log_format: str  # auto | text | json
+    limit_tasks: int  # 0 = no limit
+    limit_idle_duration: float  # seconds; 0 = off
+    limit_interval: float  # seconds; accepted for compatibility only
+    stop_grace: float  # seconds
+    drain_timeout: float  # seconds
+    status_interval: float  # seconds
+    retry_failed: int
+    max_deliveries: int
+    poll_interval: float  # seconds
+
+    def queue_matcher(self) -> QueueMatcher:
+        return QueueMatcher.from_strings(self.queue_match, self.queue_mismatch)
+
+    def prom_listen(self) -> tuple[str, int] | None:
+        """Where the HTTP server listens: ``(host, port)`` with host "" for every interface, or None when off."""
+        if not self.prom_address:
+            return None
+        host, _, port = self.prom_address.rpartition(":")
+        return host.removeprefix("[").removesuffix("]"), int(port)
+
+    def summary(self) -> dict[str, str]:
+        """Every setting as text for the startup log line; none of them is a secret."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _ZERO_SIZE_MEANS:
+                out[f.name] = format_size(value) if value else _ZERO_SIZE_MEANS[f.name]
+            elif isinstance(value, bool):
+                out[f.name] = "true" if value else "false"
+            elif isinstance(value, float):  # every float setting is a duration in seconds
+                out[f.name] = format_duration(value) if value else "0s"
+            else:
+                out[f.name] = str(value)
+        out["prom_address"] = self.prom_address or "off"
+        return out
+
+
+_ZERO_SIZE_MEANS = {"cache_size": "0 (cache disabled)", "max_mem": "0 (all available)", "max_disk": "0 (free space)"}
+
+
+# --- converters: each turns option text into a value or raises _Invalid with what is wrong --------------------------
+
+
+class _Invalid(ValueError):
+    """``reason`` completes a sentence whose subject is the offending value: "'abc' <reason>"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_Converter = Callable[[str, Mapping[str, str]], Any]
+
+
+def _size(text: str, environ: Mapping[str, str]) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise _Invalid("is not a byte size") from None
+
+
+def _memory(text: str, environ: Mapping[str, str]) -> int:
+    value = _size(text, environ)
+    total = _physical_memory()
+    if total is not None and value > total:
+        raise _Invalid(f"is more than the {format_size(total)} of RAM in this machine")
+    return value
+
+
+def _duration(text: str, environ: Mapping[str, str]) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise _Invalid("is not a duration") from None
+    if seconds < 0:
+        raise _Invalid("is negative")
+    return seconds
+
+
+def _positive_duration(text: str, environ: Mapping[str, str]) -> float:
+    seconds = _duration(text, environ)
+    if seconds == 0:
+        raise _Invalid("is zero")
+    return seconds
+
+
+def _count(text: str, environ: Mapping[str, str]) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise _Invalid("is not a whole number") from None
+    if value < 0:
+        raise _Invalid("is negative")
+    return value
+
+
+def _at_least_one(text: str, environ: Mapping[str, str]) -> int:
+    value = _count(text, environ)
+    if value < 1:
+        raise _Invalid("is zero")
+    return value
+
+
+def _cores(text: str, environ: Mapping[str, str]) -> int:
+    value = _count(text, environ)
+    available = os.cpu_count()
+    if available is not None and value > available:
+        raise _Invalid(f"is more than the {available} logical CPUs of this machine")
+    return value
+
+
+def _bool(text: str, environ: Mapping[str, str]) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise _Invalid("is not a boolean")
+
+
+def _regex(text: str, environ: Mapping[str, str]) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise _Invalid(f"is not a valid regular expression ({exc})") from None
+    return text
+
+
+def _optional_regex(text: str, environ: Mapping[str, str]) -> str:
+    return _regex(text, environ) if text.strip() else ""
+
+
+def _log_format(text: str, environ: Mapping[str, str]) -> str:
+    word = text.strip().lower()
+    if word not in _LOG_FORMATS:
+        raise _Invalid("is not a log format")
+    return word
+
+
+def _address(text: str, environ: Mapping[str, str]) -> str:
+    address = text.strip()
+    if address.lower() in ("", "off"):
+        return ""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise _Invalid("is not a listen address with a port")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:  # a bare IPv6 host would make the port ambiguous
+        raise _Invalid("needs brackets around its IPv6 host")
+    return address
+
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _path(text: str, environ: Mapping[str, str]) -> Path:
+    """Expand ``~`` and ``${VAR}``/``$VAR`` from ``environ`` (not ``os.environ``, so tests and callers stay in
+    control) and make the path absolute. An unset variable is an error: silently expanding it to "" would send
+    work to a surprising directory."""
+    missing: list[str] = []
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in environ:
+            missing.append(name)
+            return match.group(0)
+        return environ[name]
+
+    expanded = _VAR.sub(substitute, text.strip())
+    if missing:
+        raise _Invalid(f"refers to ${missing[0]}, which is not set")
+    if expanded == "~" or expanded.startswith("~/"):
+        expanded = (environ.get("HOME") or str(Path.home())) + expanded[1:]
+    path = Path(expanded).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise _Invalid("exists and is not a directory")
+    return path
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not every platform can tell
+        return None
+
+
+def _cache_root() -> Path:
+    return platformdirs.user_cache_path(APP_NAME)
+
+
+def _queue_root_default(environ: Mapping[str, str]) -> str:
+    # The StudioML client's own local queue, so `studio run --queue local_x` reaches the runner with no setup.
+    home = environ.get("STUDIOML_HOME", "").strip()
+    return f"{home}/queue" if home else "~/.studioml/queue"
+
+
+# --- the option table ---------------------------------------------------------------------------------------------
+
+_PATH_FORM = "a directory path (~, $VAR and ${VAR} are expanded)"
+_COUNT_FORM = "a whole number, 0 or more"
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str  # without dashes, e.g. "queue-match"
+    group: str
+    parse: _Converter
+    default: str | Callable[[Mapping[str, str]], str]  # text, converted like any given value
+    form: str  # the accepted form, quoted in problems
+    help: str
+    metavar: str = ""
+    shown_default: str = ""  # how --help shows a computed default
+    blank_is_value: bool = False  # "" means something for this option, so an empty env var is not "unset"
+    switch: bool = False  # a boolean flag that takes no value on the command line
+
+    @property
+    def env(self) -> str:
+        return self.flag.upper().replace("-", "_").replace(".", "_")
+
+    @property
+    def field(self) -> str:
+        return self.flag.replace("-", "_")
+
+    def default_text(self, environ: Mapping[str, str]) -> str:
+        return self.default(environ) if callable(self.default) else self.default
+
+
+_QUEUES = "queues"
+_STORAGE = "storage"
+_RESOURCES = "resources"
+_LIFECYCLE = "lifecycle"
+_JOB = "job mode"
+_OPERATIONS = "operations"
+
+_GROUP_TITLES = {
+    _QUEUES: "queues: where experiments come from",
+    _STORAGE: "storage: directories and caches",
+    _RESOURCES: "resources: what experiments may use on this machine",
+    _LIFECYCLE: "lifecycle: stopping, draining and retrying experiments",
+    _JOB: "job mode: exit when the work is done (Kubernetes Jobs, scale to zero)",
+    _OPERATIONS: "operations: metrics, logs, debugging",
+}
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option(
+        "queue-root",
+        _QUEUES,
+        _path,
+        _queue_root_default,
+        _PATH_FORM,
+        "directory of local file queues; the StudioML client's own local queue by default",
+        metavar="DIR",
+        shown_default="$STUDIOML_HOME/queue, else ~/.studioml/queue",
+    ),
+    _Option(
+        "queue-match",
+        _QUEUES,
+        _regex,
+        DEFAULT_MATCH,
+        f"a Python regular expression such as {DEFAULT_MATCH}",
+        "regular expression a queue name must match to be served",
+        metavar="REGEX",
+    ),
+    _Option(
+        "queue-mismatch",
+        _QUEUES,
+        _optional_regex,
+        "",
+        "a Python regular expression, or empty",
+        "regular expression a queue name must not match; empty = no exclusion",
+        metavar="REGEX",
+        blank_is_value=True,
+    ),
+    _Option(
+        "poll-interval",
+        _QUEUES,
+        _positive_duration,
+        "20ms",
+        f"{DURATION_FORM}, above 0",
+        "how often idle local queues are scanned",
+        metavar="DURATION",
+    ),
+    _Option(
+        "working-dir",
+        _STORAGE,
+        _path,
+        lambda _env: str(_cache_root() / "work"),
+        _PATH_FORM,
+        "root of the experiment directories; its filesystem is the one --max-disk accounts for",
+        metavar="DIR",
+        shown_default="<user cache>/studio-runner/work",
+    ),
+    _Option(
+        "cache-dir",
+        _STORAGE,
+        _path,
+        lambda _env: str(_cache_root() / "artifacts"),
+        _PATH_FORM,
+        "artifact download cache",
+        metavar="DIR",
+        shown_default="<user cache>/studio-runner/artifacts",
+    ),
+    _Option(
+        "cache-size",
+        _STORAGE,
+        _size,
+        "10gib",
+        f"{SIZE_FORM}, or 0",
+        "byte budget of the artifact cache; 0 disables the cache",
+        metavar="SIZE",
+    ),
+    _Option(
+        "env-cache-dir",
+        _STORAGE,
+        _path,
+        lambda _env: str(_cache_root() / "envs"),
+        _PATH_FORM,
+        "cache of built Python environments",
+        metavar="DIR",
+        shown_default="<user cache>/studio-runner/envs",
+    ),
+    _Option(
+        "allow-env-secrets",
+        _STORAGE,
+        _bool,
+        "false",
+        "true or false",
+        "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from an experiment's config.env for artifacts "
+        "that carry no credentials",
+        switch=True,
+    ),
+    _Option(
+        "max-cores",
+        _RESOURCES,
+        _cores,
+        "0",
+        f"a whole number from 0 (all) to {os.cpu_count() or 'the CPU count'}",
+        "logical CPUs experiments may reserve; 0 = all",
+        metavar="N",
+    ),
+    _Option(
+        "max-mem",
+        _RESOURCES,
+        _memory,
+        "0",
+        f"{SIZE_FORM}, or 0",
+        "RAM experiments may reserve; 0 = all available RAM",
+        metavar="SIZE",
+    ),
+    _Option(
+        "max-disk",
+        _RESOURCES,
+        _size,
+        "0",
+        f"{SIZE_FORM}, or 0",
+        "disk all experiments together may reserve on the working-dir filesystem; 0 = all free space above a "
+        "10 % reserve (studio-go-runner used this value as a minimum-free mark instead)",
+        metavar="SIZE",
+    ),
+    _Option(
+        "cpu-only",
+        _RESOURCES,
+        _bool,
+        "false",
+        "true or false",
+        "run without GPUs: take only experiments that need none",
+        switch=True,
+    ),
+    _Option(
+        "stop-grace",
+        _LIFECYCLE,
+        _duration,
+        "30s",
+        DURATION_FORM,
+        "time between SIGTERM and SIGKILL when an experiment's processes are stopped",
+        metavar="DURATION",
+    ),
+    _Option(
+        "drain-timeout",
+        _LIFECYCLE,
+        _duration,
+        "30s",
+        DURATION_FORM,
+        "on SIGTERM/SIGINT, how long running experiments may finish before they are interrupted and requeued",
+        metavar="DURATION",
+    ),
+    _Option(
+        "status-interval",
+        _LIFECYCLE,
+        _positive_duration,
+        "10s",
+        f"{DURATION_FORM}, above 0",
+        "how often an experiment's _status artifact is checked for a stop request",
+        metavar="DURATION",
+    ),
+    _Option(
+        "retry-failed",
+        _LIFECYCLE,
+        _count,
+        "0",
+        _COUNT_FORM,
+        "how many more times a failed experiment is run",
+        metavar="N",
+    ),
+    _Option(
+        "max-deliveries",
+        _LIFECYCLE,
+        _at_least_one,
+        "5",
+        "a whole number, 1 or more",
+        "deliveries that may end in an infrastructure error before the message is dead-lettered",
+        metavar="N",
+    ),
+    _Option(
+        "limit-tasks",
+        _JOB,
+        _count,
+        "0",
+        _COUNT_FORM,
+        "stop taking work after this many experiments and exit when they finish; 0 = no limit",
+        metavar="N",
+    ),
+    _Option(
+        "limit-idle-duration",
+        _JOB,
+        _duration,
+        "0",
+        DURATION_FORM,
+        "exit after this long with nothing running; 0 = never",
+        metavar="DURATION",
+    ),
+    _Option(
+        "limit-interval",
+        _JOB,
+        _duration,
+        "5m",
+        DURATION_FORM,
+        "accepted for compatibility with studio-go-runner; limits are checked continuously",
+        metavar="DURATION",
+    ),
+    _Option(
+        "prom-address",
+        _OPERATIONS,
+        _address,
+        ":9090",
+        "host:port or :port (port 0 picks a free port), or off",
+        "listen address of the HTTP server (/metrics, /healthz, /readyz, /status); empty or off disables it",
+        metavar="ADDR",
+        blank_is_value=True,
+    ),
+    _Option(
+        "log-format",
+        _OPERATIONS,
+        _log_format,
+        "auto",
+        "one of auto, text, json",
+        "log line format; auto = text on a terminal, json otherwise",
+        metavar="FORMAT",
+    ),
+    _Option(
+        "debug",
+        _OPERATIONS,
+        _bool,
+        "false",
+        "true or false",
+        "keep experiment directories and log at debug level (request bodies and secrets are never logged)",
+        switch=True,
+    ),
+)
+
+_BY_FLAG: Mapping[str, _Option] = {option.flag: option for option in _OPTIONS}
+
+
+# --- the parser ---------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports instead of exiting, and matches option names exactly, as Go's flag package does."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError([message])
+
+    def _get_option_tuples(self, option_string: str) -> list[tuple[argparse.Action, str, str | None]]:
+        # argparse expands single-dash prefixes even with allow_abbrev=False (-c would mean -cpu-only).
+        return []
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows one spelling per option; the description says that the single-dash one works too."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=min(120, shutil.get_terminal_size().columns - 2))
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return action.option_strings[0] if action.option_strings else super()._format_action_invocation(action)
+        return f"{action.option_strings[0]} {self._format_args(action, action.dest.upper())}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the serve command: options as text, --help, and errors raised as ConfigError.
+
+    load_settings reads the options itself (see _scan_options) and uses this parser for --help and to find unknown
+    arguments; the parser also works on its own, where each option's value is its raw text."""
+    parser = _Parser(
+        prog=PROG,
+        usage="%(prog)s [options]",
+        description=(
+            "Runs StudioML experiments taken from queues. Every option not given on the command line is read from "
+            "the environment variable shown with it (the option name upper-cased, '-' replaced by '_'); the "
+            "command line wins. Options also accept studio-go-runner's single-dash form (-queue-match x). "
+            "Sizes: 512mb, 16gib, 1.5 GB. Durations: 90s, 1h30m, 2d. Booleans: true/false, 1/0, yes/no."
+        ),
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+        add_help=False,
+    )
+    parser.add_argument("--help", "-h", "-help", action="help", help="show this help and exit")
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUP_TITLES.items()}
+    for option in _OPTIONS:
+        shown = option.shown_default or option.default_text({}) or '""'
+        help_text = f"{option.help} (default: {shown}; env {option.env})".replace("%", "%%")
+        names = (f"--{option.flag}", f"-{option.flag}")
+        group = groups[option.group]
+        if option.switch:
+            group.add_argument(
+                *names, dest=option.field, action="store_const", const="true", default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            group.add_argument(
+                *names, dest=option.field, metavar=option.metavar, default=argparse.SUPPRESS, help=help_text
+            )
+    return parser
+
+
+def _scan_options(argv: Sequence[str]) -> tuple[dict[str, str], list[str], list[str]]:
+    """Read the known options from ``argv`` as Go's flag package does; return their text by field, the arguments
+    left for argparse (help, unknown ones), and problems.
+
+    Doing this ourselves rather than through argparse keeps Go's meaning for two spellings argparse reads
+    differently: ``-debug=false`` (argparse switches take no value) and a value that starts with a dash
+    (``-queue-mismatch -test$``: Go always takes the next argument as the value)."""
+    given: dict[str, str] = {}
+    rest: list[str] = []
+    problems: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--":
+            rest.extend([token, *tokens])
+            break
+        body = token.lstrip("-")
+        name, eq, value = body.partition("=")
+        option = _BY_FLAG.get(name) if len(token) - len(body) in (1, 2) else None
+        if option is None:
+            rest.append(token)
+        elif eq:
+            given[option.field] = value
+        elif option.switch:
+            given[option.field] = "true"
+        elif (following := next(tokens, None)) is not None:
+            given[option.field] = following
+        else:
+            problems.append(f"--{option.flag} ({option.env}): needs a value; expected {option.form}")
+    return given, rest, problems
+
+
+def _unknown_argument_problems(extras: Sequence[str]) -> list[str]:
+    problems: list[str] = []
+    after_option = False
+    for token in extras:
+        if token.startswith("-") and token != "--":
+            name = token.lstrip("-").partition("=")[0]
+            close = difflib.get_close_matches(name, list(_BY_FLAG), n=1, cutoff=0.75)
+            hint = f"; did you mean --{close[0]}?" if close else f"; see {PROG} --help"
+            problems.append(f"unknown option {token!r}{hint}")
+            after_option = "=" not in token
+        elif after_option:  # most likely the value of the unknown option just reported: one mistake, one problem
+            after_option = False
+        elif token != "--":
+            problems.append(f"unexpected argument {token!r}; options take the form --name value")
+    return problems
+
+
+def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    """Build Settings from the serve command's arguments and the environment, or raise ConfigError listing every
+    problem. ``argv`` holds only the serve options (not the program or command name). ``--help`` exits with 0."""
+    given, rest, problems = _scan_options(argv)
+    _, extras = build_parser().parse_known_args(rest)  # prints help and exits for --help
+    problems += _unknown_argument_problems(extras)
+    values: dict[str, Any] = {}
+    for option in _OPTIONS:
+        from_env = False
+        if option.field in given:
+            text = given[option.field]
+        else:
+            env_text = environ.get(option.env)
+            # An empty variable counts as unset (manifests often template blanks), unless "" is a real value.
+            if env_text is not None and (env_text.strip() or option.blank_is_value):
+                text, from_env = env_text, True
+            else:
+                text = option.default_text(environ)
+        source = f"from {option.env}" if from_env else option.env
+        try:
+            if not text.strip() and not option.blank_is_value:
+                raise _Invalid("is empty")
+            values[option.field] = option.parse(text, environ)
+        except _Invalid as invalid:
+            problems.append(f"--{option.flag} ({source}): {_shown(text)} {invalid.reason}; expected {option.form}")
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")

@@ -1,0 +1,457 @@
+"""The life of one experiment on this runner: stage → environment → run → finish, ending in an Outcome.
+
+The service admits a delivery (parse, allocate) and then hands it here; this module never settles messages and never
+releases resources -- the caller does both in ``finally`` from the returned result -- so each concern has one owner.
+Whatever happens, the experiment's ``output`` and ``_results`` are uploaded when the request names them, so users
+always learn why a run ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
+from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, normalise_requirements
+from runner.metrics import Metrics
+from runner.outcome import EXIT_TEMPFAIL, Outcome
+from runner.queues.base import QueueRef
+from runner.request import Artifact, AwsCredentials, Request
+from runner.resources.allocator import Allocation
+from runner.storage.archive import ArchiveError
+from runner.storage.artifacts import ArtifactIO
+from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, TransientStorageError
+from runner.units import format_duration
+
+log = logging.getLogger("runner.experiment")
+
+# Artifacts the lifecycle treats specially: `_status` is read (external stop), `_results` written last.
+STATUS = "_status"
+RESULTS = "_results"
+OUTPUT = "output"
+NOT_UPLOADED = frozenset({STATUS, RESULTS})
+_RUNNER_SECRET_NAMES = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|KEY|AMQP_URL)", re.IGNORECASE)
+_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    working_dir: Path
+    stop_grace: float = 30.0
+    status_interval: float = 10.0
+    debug: bool = False
+    allow_env_secrets: bool = False
+
+
+@dataclass
+class Tools:
+    """What every experiment shares; the Runner owns these and closes them."""
+
+    artifacts: ArtifactIO
+    envs: EnvCache
+    metrics: Metrics
+    runner_env: Mapping[str, str]
+    host: str
+    settings: LifecycleSettings
+
+
+@dataclass
+class ExperimentResult:
+    outcome: Outcome
+    message: str
+    exit_code: int | None = None
+    tail: list[str] = field(default_factory=list)
+
+
+class _Abort(Exception):
+    """Ends the experiment early with a result (staging or environment failure)."""
+
+    def __init__(self, result: ExperimentResult) -> None:
+        super().__init__(result.message)
+        self.result = result
+
+
+def workdir_name(key: str) -> str:
+    """A directory name derived from the experiment key that cannot escape the working dir."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)[:96].lstrip(".") or "experiment"
+    return safe
+
+
+class Experiment:
+    def __init__(
+        self,
+        request: Request,
+        *,
+        queue: QueueRef,
+        attempt: int,
+        allocation: Allocation | None,
+        tools: Tools,
+        interrupt: asyncio.Event,
+        received_at: float | None = None,
+    ) -> None:
+        self.request = request
+        self.key = request.experiment.key
+        self.queue = queue
+        self.attempt = attempt
+        self.allocation = allocation
+        self.tools = tools
+        self.interrupt = interrupt
+        self.received_at = received_at if received_at is not None else time.monotonic()
+        self.stop = asyncio.Event()
+        self.dir = Path()
+        self.started_at = time.time()
+        self.artifacts = self._effective_artifacts()
+        self.secret_filter = SecretFilter(self._secrets())
+        self._upload_locks: dict[str, asyncio.Lock] = {}
+
+    # ----------------------------------------------------------------- public
+
+    async def run(self) -> ExperimentResult:
+        try:
+            self.dir = await asyncio.to_thread(self._make_dir)
+            try:
+                result = await self._run_in_dir()
+            except _Abort as abort:
+                result = abort.result
+            await self._finish(result)
+            return result
+        finally:
+            if self.dir != Path() and not self.tools.settings.debug:
+                await asyncio.to_thread(shutil.rmtree, self.dir, True)
+
+    def label_dir(self, label: str) -> Path:
+        return self.dir / label
+
+    @property
+    def output_file(self) -> Path:
+        return self.dir / OUTPUT / "output"
+
+    # ----------------------------------------------------------------- phases
+
+    async def _run_in_dir(self) -> ExperimentResult:
+        exp = self.request.experiment
+        self._log("experiment admitted", attempt=self.attempt, dir=str(self.dir))
+        deadline, limit_text = self._deadline()
+        if deadline is not None and deadline <= asyncio.get_running_loop().time():
+            return ExperimentResult(Outcome.EXPIRED, f"expired before it started ({limit_text})")
+
+        phase = time.monotonic()
+        await self._stage()
+        self.tools.metrics.phase_seconds.labels("download").observe(time.monotonic() - phase)
+
+        phase = time.monotonic()
+        env = await self._environment()
+        self.tools.metrics.phase_seconds.labels("env").observe(time.monotonic() - phase)
+        if self.request.is_prewarm:
+            self._log("environment ready; nothing to run (pre-build request)", env=env.key)
+            return ExperimentResult(Outcome.SUCCEEDED, "ok")
+
+        argv = experiment_argv(env.python, exp.filename, exp.args)
+        process_env = await asyncio.to_thread(self._process_environment, env)
+        phase = time.monotonic()
+        self.tools.metrics.dispatch_seconds.observe(phase - self.received_at)
+        self._log("process starting", python=str(env.python), filename=exp.filename)
+        process = await self._supervise(argv, process_env, deadline)
+        self.tools.metrics.phase_seconds.labels("run").observe(time.monotonic() - phase)
+        return self._judge(process, limit_text)
+
+    def _judge(self, process: ProcessResult, limit_text: str) -> ExperimentResult:
+        code = process.exit_code
+        tail = process.tail
+        if process.reason == "timeout":
+            return ExperimentResult(Outcome.EXPIRED, f"expired: {limit_text} reached", code, tail)
+        if process.reason == "stopped":
+            return ExperimentResult(Outcome.STOPPED, "stopped: _status asked the experiment to stop", code, tail)
+        if process.reason == "interrupted":
+            return ExperimentResult(Outcome.INTERRUPTED, "interrupted: the runner is shutting down", code, tail)
+        if code == 0:
+            return ExperimentResult(Outcome.SUCCEEDED, "ok", 0)
+        if code == EXIT_TEMPFAIL:
+            return ExperimentResult(Outcome.INTERRUPTED, "the experiment asked to be run again (exit 75)", code, tail)
+        if code is None:
+            return ExperimentResult(Outcome.FAILED, f"killed by signal {process.signal}", None, tail)
+        return ExperimentResult(Outcome.FAILED, f"exit code {code}", code, tail)
+
+    def _deadline(self) -> tuple[float | None, str]:
+        """The loop time when the run must end: the sooner of max_duration and time_added + experimentLifetime."""
+        exp, cfg = self.request.experiment, self.request.config
+        loop_now = asyncio.get_running_loop().time()
+        limits: list[tuple[float, str]] = []
+        if exp.max_duration:
+            limits.append((loop_now + exp.max_duration, f"max_duration {format_duration(exp.max_duration)}"))
+        if cfg.experiment_lifetime and exp.time_added:
+            remaining = exp.time_added + cfg.experiment_lifetime - time.time()
+            lifetime = format_duration(cfg.experiment_lifetime)
+            limits.append((loop_now + remaining, f"experimentLifetime {lifetime} after time_added"))
+        if not limits:
+            return None, ""
+        return min(limits)
+
+    async def _stage(self) -> None:
+        for label, artifact in sorted(self.artifacts.items()):
+            target = self.label_dir(label)
+            await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
+            if label in NOT_UPLOADED or not (artifact.qualified or artifact.url):
+                continue
+            try:
+                size = await self.tools.artifacts.fetch(artifact, target)
+            except (ObjectNotFound, AccessDenied, ArchiveError) as err:
+                if artifact.mutable:
+                    # Normal on a first run: mutable artifacts do not exist until this runner uploads them.
+                    self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
+                    continue
+                await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
+            except (TransientStorageError, StorageError, OSError) as err:
+                if artifact.mutable:
+                    self._log("mutable artifact not downloaded", level=logging.WARNING, label=label, reason=str(err))
+                    continue
+                await self._abort(Outcome.INFRASTRUCTURE, f"failed when downloading user data: {err}")
+            else:
+                self.tools.metrics.transfer_bytes.labels("down", _scheme(artifact)).inc(size)
+                self._log("artifact staged", label=label, bytes=size)
+        await asyncio.to_thread(self.output_file.parent.mkdir, parents=True, exist_ok=True)
+
+    async def _environment(self) -> PythonEnv:
+        exp, cfg = self.request.experiment, self.request.config
+        requirements, warnings = normalise_requirements(exp.pythonenv, cfg.pip, cfg.env)
+        for warning in warnings:
+            await self._note(f"[runner] {warning}")
+        env_log = self.dir / OUTPUT / "outputPEnv"
+        await asyncio.to_thread(env_log.parent.mkdir, parents=True, exist_ok=True)
+        envs = self.tools.envs
+        try:
+            env = await envs.ensure(exp.pythonver, requirements, env_log)
+        except EnvBuildError as err:
+            outcome = Outcome.INFRASTRUCTURE if err.retryable else Outcome.FAILED
+            self.tools.metrics.env_cache_requests.labels("error").inc()
+            await self._abort(outcome, f"failed to build the Python environment: {err}")
+        return env
+
+    def _process_environment(self, env: PythonEnv) -> dict[str, str]:
+        mapping = self.dir / "_runner" / "artifact-mapping.json"
+        mapping.parent.mkdir(parents=True, exist_ok=True)
+        mapping.write_text(json.dumps({label: str(self.label_dir(label)) for label in self.artifacts}))
+        tmp = self.dir / "_runner" / "tmp"
+        tmp.mkdir(exist_ok=True)
+        home = self.dir / "_runner" / "studioml"
+        home.mkdir(exist_ok=True)
+        cores = self.allocation.cores if self.allocation else 1
+        extra = {
+            "STUDIOML_EXPERIMENT": self.key,
+            "STUDIOML_HOME": str(home),
+            "STUDIOML_ARTIFACT_MAPPING": str(mapping),
+            "PYTHONUNBUFFERED": "1",
+            "VIRTUAL_ENV": str(env.root),
+            "TMPDIR": str(tmp),
+            "OMP_NUM_THREADS": str(cores),
+            "MKL_NUM_THREADS": str(cores),
+        }
+        gpus = self.allocation.gpus if self.allocation else ()
+        extra["CUDA_VISIBLE_DEVICES"] = ",".join(gpus) if gpus else "-1"
+        if gpus:
+            extra["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpus)
+        environment = build_environment(
+            config_env=self.request.config.env, runner_env=self.tools.runner_env, extra=extra
+        )
+        # The venv's bin comes first on whatever PATH the user's config.env produced.
+        environment["PATH"] = f"{env.bin_dir}:{environment.get('PATH', '/usr/bin:/bin')}"
+        return environment
+
+    async def _supervise(self, argv: list[str], env: dict[str, str], deadline: float | None) -> ProcessResult:
+        finished = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._checkpoints(finished))
+            if STATUS in self.artifacts:
+                tg.create_task(self._watch_status(finished))
+            try:
+                return await run_process(
+                    argv,
+                    cwd=self.label_dir("workspace"),
+                    env=env,
+                    output=self.output_file,
+                    secret_filter=self.secret_filter,
+                    deadline=deadline,
+                    stop=self.stop,
+                    interrupt=self.interrupt,
+                    grace=self.tools.settings.stop_grace,
+                )
+            finally:
+                finished.set()
+        raise AssertionError("unreachable")
+
+    async def _checkpoints(self, finished: asyncio.Event) -> None:
+        """Periodic uploads: all mutable artifacts every saveWorkspaceFrequency, and each at its saveFrequency."""
+        periods: dict[str, float] = {}
+        every = self.request.config.save_workspace_frequency
+        for label, artifact in self.artifacts.items():
+            if not artifact.mutable or label in NOT_UPLOADED:
+                continue
+            candidates = [p for p in (every, artifact.save_frequency) if p]
+            if candidates:
+                periods[label] = max(1.0, min(candidates))
+        if not periods:
+            return
+        async with asyncio.TaskGroup() as tg:
+            for label, period in periods.items():
+                tg.create_task(self._checkpoint_loop(label, period, finished))
+
+    async def _checkpoint_loop(self, label: str, period: float, finished: asyncio.Event) -> None:
+        # Wait on the event rather than being cancelled, so an upload in flight completes before the final one.
+        while not await _wait_or_timeout(finished, period):
+            with contextlib.suppress(StorageError, OSError):
+                await self._upload(label, checkpoint=True)
+
+    async def _watch_status(self, finished: asyncio.Event) -> None:
+        scratch = self.dir / "_runner" / "status"
+        while not await _wait_or_timeout(finished, self.tools.settings.status_interval):
+            status = await self.tools.artifacts.read_status(self.artifacts[STATUS], scratch)
+            if status == "stopped":
+                self._log("stop requested through _status")
+                await self._note("[runner] _status says stopped: stopping the experiment")
+                self.stop.set()
+                return
+
+    async def _finish(self, result: ExperimentResult) -> None:
+        """Final uploads (output last among mutable ones), then `_results`; upload failures can change the outcome."""
+        if result.outcome is not Outcome.SUCCEEDED and result.message != "ok":
+            await self._note(f"[runner] {result.outcome}: {result.message}")
+        phase = time.monotonic()
+        labels = sorted(
+            (label for label, a in self.artifacts.items() if a.mutable and label not in NOT_UPLOADED),
+            key=lambda label: (label == OUTPUT, label),
+        )
+        failures: list[str] = []
+        for label in labels:
+            try:
+                await self._upload(label, checkpoint=False)
+            except (StorageError, OSError) as err:
+                failures.append(f"{label}: {err}")
+                self._log("final upload failed", level=logging.WARNING, label=label, reason=str(err))
+        if failures and result.outcome is Outcome.SUCCEEDED:
+            result.outcome = Outcome.INFRASTRUCTURE
+            result.message = "results could not be uploaded: " + "; ".join(failures)
+        await self._write_results(result)
+        self.tools.metrics.phase_seconds.labels("upload").observe(time.monotonic() - phase)
+
+    async def _write_results(self, result: ExperimentResult) -> None:
+        document: dict[str, Any] = {
+            "exit_msg": result.message,
+            "experiment_id": self.key,
+            "host": self.tools.host,
+            "outcome": str(result.outcome),
+            "exit_code": result.exit_code,
+            "attempt": self.attempt,
+            "queue": self.queue.name,
+            "started": self.started_at,
+            "finished": time.time(),
+            "artifacts": {
+                label: {"name": label}
+                for label, a in self.artifacts.items()
+                if a.mutable and label not in NOT_UPLOADED and label != "_metadata"
+            },
+        }
+        if result.tail:
+            document["tail"] = result.tail[-_TAIL_LINES:]
+        target = self.label_dir(RESULTS) / "_results.json"
+        await asyncio.to_thread(_write_json, target, document)
+        if RESULTS in self.artifacts:
+            try:
+                await self._upload(RESULTS, checkpoint=False)
+            except (StorageError, OSError) as err:
+                self._log("could not upload _results", level=logging.WARNING, reason=str(err))
+                if result.outcome is Outcome.SUCCEEDED:
+                    result.outcome = Outcome.INFRASTRUCTURE
+                    result.message = f"_results could not be uploaded: {err}"
+
+    # ----------------------------------------------------------------- helpers
+
+    async def _upload(self, label: str, *, checkpoint: bool) -> None:
+        artifact = self.artifacts[label]
+        if not (artifact.qualified or (artifact.bucket and artifact.key)):
+            return
+        lock = self._upload_locks.setdefault(label, asyncio.Lock())
+        async with lock:
+            size = await self.tools.artifacts.store(artifact, self.label_dir(label))
+        self.tools.metrics.transfer_bytes.labels("up", _scheme(artifact)).inc(size)
+        self._log("checkpoint uploaded" if checkpoint else "artifact uploaded", label=label, bytes=size)
+
+    async def _abort(self, outcome: Outcome, message: str) -> NoReturn:
+        raise _Abort(ExperimentResult(outcome, message))
+
+    async def _note(self, line: str) -> None:
+        """Append a runner message to the experiment's own output, where its owner will look."""
+        await asyncio.to_thread(_append_line, self.output_file, self.secret_filter.redact(line))
+
+    def _make_dir(self) -> Path:
+        root = self.tools.settings.working_dir / "experiments"
+        root.mkdir(parents=True, exist_ok=True)
+        base = workdir_name(self.key)
+        for n in range(1, 10_000):
+            candidate = root / f"{base}.{n}"
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            return candidate
+        raise OSError(f"no free experiment directory for {base} under {root}")
+
+    def _effective_artifacts(self) -> dict[str, Artifact]:
+        artifacts = dict(self.request.experiment.artifacts)
+        if not self.tools.settings.allow_env_secrets:
+            return artifacts
+        env = self.request.config.env
+        key_id, secret = env.get("AWS_ACCESS_KEY_ID", ""), env.get("AWS_SECRET_ACCESS_KEY", "")
+        if not (key_id and secret):
+            return artifacts
+        creds = AwsCredentials(key_id, secret, env.get("AWS_SESSION_TOKEN", ""), env.get("AWS_DEFAULT_REGION", ""))
+        return {
+            label: a if a.aws is not None else dataclasses.replace(a, aws=creds) for label, a in artifacts.items()
+        }
+
+    def _secrets(self) -> set[str]:
+        secrets = set()
+        for artifact in self.artifacts.values():
+            if artifact.aws is not None:
+                secrets.update({artifact.aws.secret_access_key, artifact.aws.session_token})
+        for name, value in self.tools.runner_env.items():
+            if _RUNNER_SECRET_NAMES.search(name):
+                secrets.add(value)
+        return {s for s in secrets if s}
+
+    def _log(self, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        log.log(level, message, extra={"key": self.key, "queue": str(self.queue), **fields})
+
+
+async def _wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:
+    """True when ``event`` is set within ``timeout`` seconds."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _scheme(artifact: Artifact) -> str:
+    url = artifact.qualified or artifact.url
+    return url.split("://", 1)[0] if "://" in url else "unknown"
+
+
+def _write_json(path: Path, document: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def _append_line(path: Path, line: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")

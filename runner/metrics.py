@@ -1,0 +1,74 @@
+"""Every Prometheus metric the runner exports, in one place, on a registry owned by the Runner.
+
+Labels stay bounded (queue, broker, outcome, phase…); experiment keys are never labels.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from runner import __version__
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.build_info = Gauge("runner_build_info", "Version of this runner", ["version", "python_version"], registry=r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.messages_received = Counter(
+            "runner_messages_received_total", "Messages taken from queues", ["broker", "queue"], registry=r
+        )
+        self.tasks_finished = Counter(
+            "runner_tasks_finished_total", "Experiments finished, by outcome", ["queue", "outcome"], registry=r
+        )
+        self.tasks_running = Gauge("runner_tasks_running", "Experiments running now", ["queue"], registry=r)
+        self.requeues = Counter(
+            "runner_requeues_total",
+            "Messages handed back without running (does_not_fit, busy, duplicate)",
+            ["queue", "reason"],
+            registry=r,
+        )
+        self.phase_seconds = Histogram(
+            "runner_task_phase_seconds",
+            "Time spent in each phase of an experiment",
+            ["phase"],
+            buckets=_PHASE_BUCKETS,
+            registry=r,
+        )
+        self.dispatch_seconds = Histogram(
+            "runner_dispatch_seconds",
+            "From taking a message to the experiment's process being started",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.env_cache_requests = Counter(
+            "runner_env_cache_requests_total", "Python environment lookups", ["result"], registry=r
+        )
+        self.artifact_cache_requests = Counter(
+            "runner_artifact_cache_requests_total", "Artifact cache lookups", ["result"], registry=r
+        )
+        self.transfer_bytes = Counter(
+            "runner_artifact_transfer_bytes_total", "Artifact bytes moved", ["direction", "scheme"], registry=r
+        )
+        self.capacity_slots = Gauge(
+            "runner_capacity_slots", "CPU cores and GPUs, free or busy", ["resource", "state"], registry=r
+        )
+        self.capacity_bytes = Gauge(
+            "runner_capacity_bytes", "RAM and disk budget in bytes, free or busy", ["resource", "state"], registry=r
+        )
+        self.lease_extensions = Counter(
+            "runner_lease_extensions_total", "Message leases extended", ["broker"], registry=r
+        )
+        self.lease_lost = Counter("runner_lease_lost_total", "Message leases that could not be kept", ["broker"], registry=r)
+        self.queues_watched = Gauge("runner_queues_watched", "Queues being consumed", ["broker"], registry=r)
+        self.draining = Gauge("runner_draining", "1 while the runner drains before exit", registry=r)
+        self.loop_lag = Gauge("runner_event_loop_lag_seconds", "Last measured event loop lag", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

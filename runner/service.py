@@ -1,0 +1,471 @@
+"""The Runner: discovers queues, takes messages only when they can start, runs experiments, settles, drains.
+
+Structure (one event loop, every task owned by a TaskGroup):
+
+    serve()
+      ├─ experiments TaskGroup ── one task per admitted experiment (+ its lease keeper)
+      ├─ intake task ── per broker: discovery loop ── one consumer task per matching queue
+      ├─ watchdog (event-loop lag for /healthz) and the job-mode monitor
+      └─ HTTP server (/metrics /healthz /readyz /status)
+
+Shutdown (SIGTERM/SIGINT or an injected ``shutdown_trigger``): intake stops at once; running experiments get
+``--drain-timeout`` to finish; the rest are interrupted (SIGTERM to their process group, final checkpoint upload)
+and their messages requeued. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.config import Settings
+from runner.execution.pythonenv import EnvCache
+from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, Tools
+from runner.http import HttpServer, HttpView
+from runner.intake import Intake
+from runner.metrics import Metrics
+from runner.outcome import Action, Outcome, SettlePolicy, Settlement, settle
+from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
+from runner.queues.local import LocalBroker
+from runner.queues.matcher import QueueMatcher
+from runner.request import Request, RequestError, parse_request
+from runner.resources import host
+from runner.resources.allocator import Allocation, Allocator
+from runner.storage.artifacts import ArtifactIO
+from runner.storage.base import ObjectStore
+from runner.storage.cache import ArtifactCache
+from runner.storage.file import FileStore
+from runner.units import format_size
+
+log = logging.getLogger("runner.service")
+
+ShutdownTrigger = Callable[[], Awaitable[None]]
+
+# A duplicate of an experiment running here goes back to the queue for this long (the client can publish twice).
+DUPLICATE_REQUEUE_DELAY = 30.0
+# A duplicate of an experiment that succeeded here this recently is acknowledged without running again.
+COMPLETED_MEMORY_SECONDS = 3600.0
+COMPLETED_MEMORY_SIZE = 10_000
+# A queue whose message can never fit this machine is not consumed for this long.
+NO_FIT_PAUSE = 30.0
+WATCHDOG_PERIOD = 0.5
+WATCHDOG_STALE = 10.0
+
+
+@dataclass
+class Admission:
+    request: Request
+    allocation: Allocation
+    received_at: float
+
+
+@dataclass
+class Refusal:
+    settlement: Settlement
+    reason: str  # bounded metric label
+    outcome: Outcome | None = None  # counted as a finished task when set
+
+
+@dataclass
+class Running:
+    experiment: Experiment
+    queue: QueueRef
+    started: float = field(default_factory=time.time)
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        brokers: Sequence[Broker] | None = None,
+        stores: Mapping[str, ObjectStore] | None = None,
+        environ: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.environ = dict(os.environ if environ is None else environ)
+        self.metrics = metrics or Metrics()
+        self.host = socket.gethostname()
+        self.policy = SettlePolicy(retry_failed=settings.retry_failed, max_deliveries=settings.max_deliveries)
+        self._brokers = list(brokers) if brokers is not None else None
+        self._stores = dict(stores) if stores is not None else None
+        self._running: dict[str, Running] = {}
+        self._completed: OrderedDict[str, float] = OrderedDict()
+        self._interrupt = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._ready = False
+        self._last_beat = time.monotonic()
+        self._last_activity = time.monotonic()
+        self.http_port = 0
+        self.allocator: Allocator | None = None
+        self.intake: Intake | None = None
+        self._tools: Tools | None = None
+        self._experiments: asyncio.TaskGroup | None = None
+
+    # ----------------------------------------------------------------- serve
+
+    async def serve(self, shutdown_trigger: ShutdownTrigger | None = None) -> None:
+        """Run until ``shutdown_trigger`` returns (default: SIGINT/SIGTERM) or the job-mode limits are reached."""
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            await asyncio.to_thread(_make_dirs, s)
+            capacity = await asyncio.to_thread(
+                host.measure, s.working_dir, max_cores=s.max_cores, max_mem=s.max_mem, max_disk=s.max_disk
+            )
+            self.allocator = Allocator(capacity, on_change=self._publish_capacity)
+            self._publish_capacity(self.allocator)
+            self.intake = Intake(self.allocator, limit_tasks=s.limit_tasks)
+            brokers = await self._open_brokers(stack)
+            stores = self._stores if self._stores is not None else {"file": FileStore()}
+            for store in stores.values():
+                stack.push_async_callback(store.close)
+            cache = ArtifactCache(s.cache_dir, s.cache_size) if s.cache_size > 0 else None
+            self._tools = Tools(
+                artifacts=ArtifactIO(stores, cache),
+                envs=EnvCache(s.env_cache_dir),
+                metrics=self.metrics,
+                runner_env=self.environ,
+                host=self.host,
+                settings=LifecycleSettings(
+                    working_dir=s.working_dir,
+                    stop_grace=s.stop_grace,
+                    status_interval=s.status_interval,
+                    debug=s.debug,
+                    allow_env_secrets=s.allow_env_secrets,
+                ),
+            )
+            if s.prom_address and s.prom_address != "off":
+                http = HttpServer(self._http_view(), s.prom_address)
+                await http.start()
+                stack.push_async_callback(http.close)
+                self.http_port = http.port
+            log.info(
+                "runner started",
+                extra={
+                    "host": self.host,
+                    "cores": capacity.cores,
+                    "ram": format_size(capacity.ram),
+                    "disk": format_size(capacity.disk),
+                    "brokers": ",".join(b.name for b in brokers),
+                    "http_port": self.http_port,
+                    **s.summary(),
+                },
+            )
+            trigger = shutdown_trigger or self._signal_trigger(stack)
+            async with asyncio.TaskGroup() as experiments:
+                self._experiments = experiments
+                self._ready = True
+                async with asyncio.TaskGroup() as services:
+                    intake = services.create_task(self._run_intake(brokers))
+                    watchdog = services.create_task(self._watchdog())
+                    await self._until_stop(trigger)
+                    self._ready = True  # stays ready while draining: scrapes keep working
+                    self.intake.close()
+                    intake.cancel()
+                    await self._drain()
+                    watchdog.cancel()
+            log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
+
+    async def _open_brokers(self, stack: AsyncExitStack) -> list[Broker]:
+        s = self.settings
+        if self._brokers is not None:
+            return self._brokers
+        matcher = QueueMatcher.from_strings(s.queue_match, s.queue_mismatch)
+        local = LocalBroker(s.queue_root, matcher, poll_interval=s.poll_interval)
+        await local.open()
+        stack.push_async_callback(local.close)
+        return [local]
+
+    def _signal_trigger(self, stack: AsyncExitStack) -> ShutdownTrigger:
+        loop = asyncio.get_running_loop()
+        received = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if received.is_set():
+                log.warning("second signal: interrupting running experiments now", extra={"signal": signum})
+                self._interrupt.set()
+            else:
+                log.info("signal received: draining", extra={"signal": signal.Signals(signum).name})
+            received.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+            stack.callback(loop.remove_signal_handler, signum)
+        return received.wait
+
+    async def _until_stop(self, trigger: ShutdownTrigger) -> None:
+        async with asyncio.TaskGroup() as tg:
+            waiters = [tg.create_task(trigger()), tg.create_task(self._job_mode_done())]
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in waiters:
+                task.cancel()
+        self._stopping.set()
+
+    async def _job_mode_done(self) -> None:
+        """Job mode (--limit-tasks / --limit-idle-duration): return when the runner's work is done."""
+        s = self.settings
+        if not (s.limit_tasks or s.limit_idle_duration):
+            await asyncio.Future()
+        assert self.intake is not None
+        while True:
+            await asyncio.sleep(0.05)
+            if self._running:
+                continue
+            if s.limit_tasks and not self.intake.is_open:
+                log.info("task limit reached and nothing running: stopping", extra={"limit_tasks": s.limit_tasks})
+                return
+            idle = time.monotonic() - self._last_activity
+            if s.limit_idle_duration and idle >= s.limit_idle_duration:
+                log.info("idle limit reached: stopping", extra={"idle_seconds": round(idle, 1)})
+                return
+
+    async def _drain(self) -> None:
+        self.metrics.draining.set(1)
+        tasks = {r.experiment.key for r in self._running.values()}
+        if tasks:
+            log.info(
+                "draining: waiting for running experiments",
+                extra={"running": len(tasks), "drain_timeout": self.settings.drain_timeout},
+            )
+            deadline = time.monotonic() + self.settings.drain_timeout
+            while self._running and time.monotonic() < deadline and not self._interrupt.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._interrupt.wait(), 0.05)
+            if self._running:
+                log.info("drain timeout: interrupting experiments", extra={"running": len(self._running)})
+                self._interrupt.set()
+
+    # ----------------------------------------------------------------- intake
+
+    async def _run_intake(self, brokers: Sequence[Broker]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for broker in brokers:
+                tg.create_task(self._discover_loop(broker))
+
+    async def _discover_loop(self, broker: Broker) -> None:
+        interval = float(getattr(broker, "discover_interval", 15.0))
+        failures = 0
+        consumers: dict[QueueRef, asyncio.Task[None]] = {}
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                try:
+                    found = set(await broker.discover())
+                    failures = 0
+                except Exception as err:  # a broker outage must not stop the runner
+                    failures += 1
+                    log.warning("queue discovery failed", extra={"broker": broker.name, "error": str(err)})
+                    await asyncio.sleep(min(180.0, interval * 2**failures))
+                    continue
+                for queue, task in list(consumers.items()):
+                    if task.done() or queue not in found:
+                        if not task.done():
+                            log.info("queue gone: no longer consumed", extra={"queue": str(queue)})
+                            task.cancel()
+                        del consumers[queue]
+                for queue in sorted(found - consumers.keys()):
+                    log.info("consuming queue", extra={"queue": str(queue)})
+                    consumers[queue] = tg.create_task(self._consume(broker, queue))
+                self.metrics.queues_watched.labels(broker.name).set(len(consumers))
+                await asyncio.sleep(interval)
+
+    async def _consume(self, broker: Broker, queue: QueueRef) -> None:
+        assert self.intake is not None and self._experiments is not None
+        try:
+            async for delivery in broker.consume(queue, self.intake.credit(queue)):
+                self._last_activity = time.monotonic()
+                self.metrics.messages_received.labels(broker.name, queue.name).inc()
+                decision = self._admit(delivery)
+                self._experiments.create_task(self._process(delivery, decision))
+        except QueueGone:
+            log.info("queue disappeared", extra={"queue": str(queue)})
+
+    def _admit(self, delivery: Delivery) -> Admission | Refusal:
+        """Decide synchronously, before the next message is taken, whether this one runs here now."""
+        assert self.intake is not None and self.allocator is not None
+        received = time.monotonic()
+        queue = delivery.queue
+        try:
+            request = parse_request(delivery.body)
+        except RequestError as err:
+            return Refusal(Settlement(Action.DEAD_LETTER, reason=f"invalid request: {err}"), "rejected", Outcome.REJECTED)
+        key = request.experiment.key
+        needs = request.experiment.resources
+        self.intake.remember(queue, needs)
+        if key in self._running:
+            return Refusal(
+                Settlement(Action.REQUEUE, DUPLICATE_REQUEUE_DELAY, "the same experiment is already running here"),
+                "duplicate",
+            )
+        if self._recently_succeeded(key):
+            return Refusal(Settlement(Action.ACK, reason="a duplicate of an experiment that succeeded here"), "duplicate")
+        never = self.allocator.never_fits(needs)
+        if never is not None:
+            self.intake.pause(queue, NO_FIT_PAUSE)
+            return Refusal(Settlement(Action.REQUEUE, 0.0, f"does not fit this runner: {never}"), "does_not_fit")
+        allocation = self.allocator.try_allocate(needs)
+        if allocation is None:
+            return Refusal(Settlement(Action.REQUEUE, 0.0, "not enough free capacity right now"), "busy")
+        self.intake.admitted()
+        return Admission(request, allocation, received)
+
+    # ----------------------------------------------------------------- experiments
+
+    async def _process(self, delivery: Delivery, decision: Admission | Refusal) -> None:
+        extra = {"queue": str(delivery.queue), "message_id": delivery.message_id, "attempt": delivery.attempt}
+        if isinstance(decision, Refusal):
+            self.metrics.requeues.labels(delivery.queue.name, decision.reason).inc()
+            if decision.outcome is not None:
+                self.metrics.tasks_finished.labels(delivery.queue.name, str(decision.outcome)).inc()
+            log.warning("message not run: " + decision.settlement.reason, extra=extra)
+            await self._settle(delivery, decision.settlement, extra)
+            return
+        assert self._tools is not None and self.allocator is not None
+        request = decision.request
+        key = request.experiment.key
+        extra["key"] = key
+        experiment = Experiment(
+            request,
+            queue=delivery.queue,
+            attempt=delivery.attempt,
+            allocation=decision.allocation,
+            tools=self._tools,
+            interrupt=self._interrupt,
+            received_at=decision.received_at,
+        )
+        self._running[key] = Running(experiment, delivery.queue)
+        running = self.metrics.tasks_running.labels(delivery.queue.name)
+        running.inc()
+        started = time.monotonic()
+        result: ExperimentResult | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                lease = tg.create_task(self._keep_lease(delivery))
+                try:
+                    result = await experiment.run()
+                finally:
+                    lease.cancel()
+        except asyncio.CancelledError:
+            result = ExperimentResult(Outcome.INTERRUPTED, "the runner stopped before the experiment finished")
+            raise
+        except Exception as err:  # a bug here must not lose the message: requeue it with backoff
+            log.exception("experiment failed inside the runner", extra=extra)
+            result = ExperimentResult(Outcome.INFRASTRUCTURE, f"runner error: {err!r}")
+        finally:
+            self.allocator.release(decision.allocation)
+            self._running.pop(key, None)
+            running.dec()
+            self._last_activity = time.monotonic()
+            if result is None:
+                result = ExperimentResult(Outcome.INTERRUPTED, "the runner stopped before the experiment finished")
+            settlement = settle(result.outcome, delivery.attempt, self.policy, result.message)
+            if result.outcome is Outcome.SUCCEEDED:
+                self._remember_success(key)
+            self.metrics.tasks_finished.labels(delivery.queue.name, str(result.outcome)).inc()
+            log.info(
+                "experiment finished",
+                extra={
+                    **extra,
+                    "outcome": str(result.outcome),
+                    "exit_code": result.exit_code,
+                    "message": result.message,
+                    "seconds": round(time.monotonic() - started, 3),
+                    "settle": str(settlement.action),
+                },
+            )
+            await asyncio.shield(self._settle(delivery, settlement, extra))
+
+    async def _keep_lease(self, delivery: Delivery) -> None:
+        if not delivery.lease_interval:
+            return
+        broker = delivery.queue.broker
+        while True:
+            await asyncio.sleep(delivery.lease_interval)
+            try:
+                await delivery.keep_alive()
+                self.metrics.lease_extensions.labels(broker).inc()
+            except Exception as err:
+                self.metrics.lease_lost.labels(broker).inc()
+                log.warning("could not extend the message lease", extra={"queue": str(delivery.queue), "error": str(err)})
+
+    async def _settle(self, delivery: Delivery, settlement: Settlement, extra: dict[str, Any]) -> None:
+        try:
+            match settlement.action:
+                case Action.ACK:
+                    await delivery.ack()
+                case Action.REQUEUE:
+                    await delivery.requeue(delay=settlement.delay)
+                case Action.DEAD_LETTER:
+                    await delivery.dead_letter(settlement.reason)
+        except Exception as err:
+            # The broker redelivers an unsettled message; the duplicate check keeps it from running twice at once.
+            log.error("could not settle message", extra={**extra, "action": str(settlement.action), "error": str(err)})
+
+    def _recently_succeeded(self, key: str) -> bool:
+        finished = self._completed.get(key)
+        return finished is not None and time.monotonic() - finished < COMPLETED_MEMORY_SECONDS
+
+    def _remember_success(self, key: str) -> None:
+        self._completed[key] = time.monotonic()
+        self._completed.move_to_end(key)
+        while len(self._completed) > COMPLETED_MEMORY_SIZE:
+            self._completed.popitem(last=False)
+
+    # ----------------------------------------------------------------- operations
+
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(WATCHDOG_PERIOD)
+            lag = loop.time() - before - WATCHDOG_PERIOD
+            self.metrics.loop_lag.set(max(0.0, lag))
+            self._last_beat = time.monotonic()
+
+    def _healthy(self) -> tuple[bool, str]:
+        stale = time.monotonic() - self._last_beat
+        if stale > WATCHDOG_STALE:
+            return False, f"event loop watchdog stale for {stale:.1f}s"
+        return True, "ok"
+
+    def _publish_capacity(self, allocator: Allocator) -> None:
+        cap = allocator.capacity
+        self.metrics.capacity_slots.labels("cpu", "busy").set(allocator.used_cores)
+        self.metrics.capacity_slots.labels("cpu", "free").set(cap.cores - allocator.used_cores)
+        self.metrics.capacity_bytes.labels("ram", "busy").set(allocator.used_ram)
+        self.metrics.capacity_bytes.labels("ram", "free").set(cap.ram - allocator.used_ram)
+        self.metrics.capacity_bytes.labels("disk", "busy").set(allocator.used_disk)
+        self.metrics.capacity_bytes.labels("disk", "free").set(cap.disk - allocator.used_disk)
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "host": self.host,
+            "draining": self._stopping.is_set(),
+            "intake_open": bool(self.intake and self.intake.is_open),
+            "experiments_taken": self.intake.taken if self.intake else 0,
+            "running": [
+                {"key": key, "queue": str(r.queue), "seconds": round(now - r.started, 1)}
+                for key, r in sorted(self._running.items())
+            ],
+        }
+
+    def _http_view(self) -> HttpView:
+        return HttpView(metrics=self.metrics, healthy=self._healthy, ready=lambda: self._ready, status=self.status)
+
+
+def _make_dirs(settings: Settings) -> None:
+    for path in (settings.working_dir, settings.queue_root, settings.env_cache_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    if settings.cache_size > 0:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,227 @@
+"""``python -m runner submit``: queue an experiment the way ``studio run`` does, with no StudioML install.
+
+The workspace directory is packed like the StudioML client packs it (a plain tar, entries relative to the
+directory, stored as ``blobstore/<sha256>.tar``), mutable artifacts get the client's ``experiments/<key>/<tag>.tar``
+locations, and the body is the same JSON the client publishes -- so what runs here also runs from ``studio run``.
+Also ``show`` (print an experiment's results and output) and ``stop`` (ask a running experiment to stop through
+its ``_status`` artifact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import os
+import shlex
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_path
+
+from runner.queues.local import LocalBroker
+from runner.queues.matcher import QueueMatcher
+from runner.storage.archive import pack
+from runner.storage.file import file_url
+
+MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata", "_results", "_status")
+DEFAULT_QUEUE = "local_default"
+
+
+def default_storage_root(environ: Mapping[str, str]) -> Path:
+    return Path(environ.get("STORAGE_ROOT") or user_data_path("studio-runner") / "storage").expanduser()
+
+
+def default_queue_root(environ: Mapping[str, str]) -> Path:
+    if environ.get("QUEUE_ROOT"):
+        return Path(os.path.expandvars(environ["QUEUE_ROOT"])).expanduser()
+    home = environ.get("STUDIOML_HOME")
+    return (Path(home) if home else Path("~/.studioml")).expanduser() / "queue"
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runner submit",
+        description="Pack a workspace and queue it as a StudioML experiment (like `studio run`).",
+    )
+    p.add_argument("--queue", default=DEFAULT_QUEUE, help=f"queue name (default {DEFAULT_QUEUE})")
+    p.add_argument("--workspace", type=Path, default=Path.cwd(), help="directory to pack (default: current)")
+    p.add_argument("--experiment", default="", help="experiment key (default <time>_<uuid>, as studio run)")
+    p.add_argument("--project", default="", help="project name recorded in the request")
+    p.add_argument("--requirements", type=Path, help="pip requirements file (default: workspace/requirements.txt)")
+    p.add_argument("--pip", action="append", default=[], metavar="REQ", help="extra pip requirement (repeatable)")
+    p.add_argument("--pythonver", default=f"{sys.version_info.major}.{sys.version_info.minor}")
+    p.add_argument("--cpus", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=0)
+    p.add_argument("--ram", default="", help="e.g. 2gb")
+    p.add_argument("--hdd", default="", help="e.g. 10gb")
+    p.add_argument("--max-duration", default="", help="e.g. 20m, 1h30m")
+    p.add_argument("--lifetime", default="", help="experimentLifetime after submission, e.g. 48h")
+    p.add_argument("--save-frequency", default="", help="checkpoint period for mutable artifacts, e.g. 5m")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="experiment env (repeatable)")
+    p.add_argument("--queue-root", type=Path, default=default_queue_root(environ), help="env QUEUE_ROOT")
+    p.add_argument("--storage-root", type=Path, default=default_storage_root(environ), help="env STORAGE_ROOT")
+    p.add_argument("script", help="python file to run, relative to the workspace")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return p
+
+
+def _mutable(storage_root: Path, key: str, tag: str) -> dict[str, Any]:
+    object_key = f"experiments/{key}/{tag}.tar"
+    return {"unpack": True, "mutable": True, "key": object_key, "qualified": file_url(storage_root / object_key)}
+
+
+def build_request(
+    ns: argparse.Namespace, *, key: str, workspace_url: str, workspace_key: str, pythonenv: list[str]
+) -> dict[str, Any]:
+    env: dict[str, str] = {}
+    for item in ns.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    resources: dict[str, Any] = {"gpus": ns.gpus, "cpus": ns.cpus}
+    if ns.ram:
+        resources["ram"] = ns.ram
+    if ns.hdd:
+        resources["hdd"] = ns.hdd
+    artifacts: dict[str, Any] = {
+        "workspace": {"unpack": True, "mutable": False, "key": workspace_key, "qualified": workspace_url}
+    }
+    for tag in MUTABLE_ARTIFACTS:
+        artifacts[tag] = _mutable(ns.storage_root, key, tag)
+    now = time.time()
+    config: dict[str, Any] = {"env": env, "pip": list(ns.pip), "database": {"type": "local"}}
+    if ns.lifetime:
+        config["experimentLifetime"] = ns.lifetime
+    if ns.save_frequency:
+        config["saveWorkspaceFrequency"] = ns.save_frequency
+    return {
+        "experiment": {
+            "key": key,
+            "args": [shlex.quote(a) for a in ns.args],  # the StudioML client quotes every argument
+            "filename": ns.script,
+            "pythonenv": pythonenv,
+            "project": ns.project or None,
+            "pythonver": ns.pythonver,
+            "resources_needed": resources,
+            "status": "waiting",
+            "time_added": now,
+            "time_started": None,
+            "time_last_checkpoint": None,
+            "time_finished": None,
+            "info": {},
+            "git": None,
+            "metric": None,
+            "max_duration": ns.max_duration or None,
+            "owner": os.environ.get("USER", "guest"),
+            "artifacts": artifacts,
+        },
+        "config": config,
+    }
+
+
+def _read_requirements(path: Path) -> list[str]:
+    lines = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def _pack_workspace(workspace: Path, storage_root: Path) -> tuple[str, str]:
+    """Pack the workspace; store it content-addressed like the client (``blobstore/<sha256>.tar``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "workspace.tar"
+        pack(workspace, archive, "")
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        object_key = f"blobstore/{digest}.tar"
+        target = storage_root / object_key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(archive, target)
+    return object_key, file_url(target)
+
+
+async def _publish(queue_root: Path, queue: str, body: bytes) -> str:
+    broker = LocalBroker(queue_root, QueueMatcher.from_strings(".*"))
+    return await broker.publish(queue, body)
+
+
+def submit(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    ns = build_parser(environ).parse_args(argv)
+    workspace: Path = ns.workspace.resolve()
+    if not workspace.is_dir():
+        print(f"submit: workspace {workspace} is not a directory", file=sys.stderr)
+        return 2
+    if not (workspace / ns.script).is_file():
+        print(f"submit: {ns.script} not found in workspace {workspace}", file=sys.stderr)
+        return 2
+    requirements = ns.requirements or (workspace / "requirements.txt")
+    pythonenv = _read_requirements(requirements) if requirements.is_file() else []
+    key = ns.experiment or f"{int(time.time())}_{uuid.uuid4()}"
+    storage_root: Path = ns.storage_root.resolve()
+    ns.storage_root = storage_root
+    workspace_key, workspace_url = _pack_workspace(workspace, storage_root)
+    request = build_request(ns, key=key, workspace_url=workspace_url, workspace_key=workspace_key, pythonenv=pythonenv)
+    body = json.dumps(request).encode()
+    message_id = asyncio.run(_publish(ns.queue_root.resolve(), ns.queue, body))
+    print(f"queued experiment {key} on {ns.queue} (message {message_id})")
+    print(f"results: {storage_root / 'experiments' / key}/   (python -m runner show {key})")
+    return 0
+
+
+def _read_member(archive: Path, name: str) -> str | None:
+    if not archive.is_file():
+        return None
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar.getmembers():
+            if member.name.lstrip("./") == name:
+                extracted = tar.extractfile(member)
+                return extracted.read().decode(errors="replace") if extracted else None
+    return None
+
+
+def show(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m runner show", description="Print an experiment's results and output.")
+    p.add_argument("key")
+    p.add_argument("--storage-root", type=Path, default=default_storage_root(environ))
+    ns = p.parse_args(argv)
+    base = ns.storage_root / "experiments" / ns.key
+    results = _read_member(base / "_results.tar", "_results.json")
+    output = _read_member(base / "output.tar", "output")
+    if results is None and output is None:
+        print(f"show: nothing stored yet for {ns.key} under {base}", file=sys.stderr)
+        return 1
+    print(f"== {ns.key} output ==")
+    print(output if output is not None else "(no output yet)", end="" if output and output.endswith("\n") else "\n")
+    print("== _results.json ==")
+    print(results if results is not None else "(not finished yet)")
+    return 0
+
+
+def stop(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m runner stop", description="Ask a running experiment to stop.")
+    p.add_argument("key")
+    p.add_argument("--storage-root", type=Path, default=default_storage_root(environ))
+    ns = p.parse_args(argv)
+    target = ns.storage_root / "experiments" / ns.key / "_status.tar"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"key": ns.key, "status": "stopped"}).encode()
+    tmp = target.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        info = tarfile.TarInfo("status.json")
+        info.size = len(payload)
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(payload))
+    os.replace(tmp, target)
+    print(f"asked {ns.key} to stop (the runner checks _status every --status-interval)")
+    return 0

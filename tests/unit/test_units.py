@@ -1,0 +1,60 @@
+"""Sizes read like go-humanize, durations like Go's time.ParseDuration (plus days)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.units import format_duration, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("16gib", 16 * 2**30),
+        ("512gb", 512 * 10**9),
+        ("10Gib", 10 * 2**30),
+        ("1.5 GB", int(1.5 * 10**9)),
+        ("4g", 4 * 10**9),
+        ("0gb", 0),
+        ("1024", 1024),
+        ("2 MiB", 2 * 2**20),
+        ("1,000kb", 10**6),
+    ],
+)
+def test_sizes_parse_like_go_humanize(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "gb", "lots", "10 parsecs", "-1gb", "1.2.3gb"])
+def test_bad_sizes_are_errors(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("20m", 1200.0),
+        ("1h30m", 5400.0),
+        ("90s", 90.0),
+        ("300ms", 0.3),
+        ("1.5h", 5400.0),
+        ("2d", 172800.0),
+        ("0", 0.0),
+        ("1h0m10s", 3610.0),
+    ],
+)
+def test_durations_parse_like_go(text: str, expected: float) -> None:
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["", "20", "m", "1x", "twenty minutes", "1h 30m"])
+def test_bad_durations_are_errors(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_durations_render_in_go_style() -> None:
+    assert format_duration(5400) == "1h30m0s"
+    assert format_duration(0.25) == "250ms"
+    assert format_duration(90) == "1m30s"
