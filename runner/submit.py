@@ -192,9 +192,16 @@ def _read_member(archive: Path, name: str) -> str | None:
 
 def show(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     p = argparse.ArgumentParser(prog="python -m runner show", description="Print an experiment's results and output.")
-    p.add_argument("key")
+    p.add_argument("key", nargs="?", help="experiment key (default: the most recently updated one)")
     p.add_argument("--storage-root", type=Path, default=default_storage_root(environ))
     ns = p.parse_args(argv)
+    if not ns.key:
+        experiments = ns.storage_root / "experiments"
+        candidates = sorted(experiments.iterdir(), key=lambda d: d.stat().st_mtime) if experiments.is_dir() else []
+        if not candidates:
+            print(f"show: no experiments under {experiments}", file=sys.stderr)
+            return 1
+        ns.key = candidates[-1].name
     base = ns.storage_root / "experiments" / ns.key
     results = _read_member(base / "_results.tar", "_results.json")
     output = _read_member(base / "output.tar", "output")
