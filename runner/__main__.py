@@ -32,7 +32,10 @@ def serve(argv: Sequence[str]) -> int:
 
 def check(argv: Sequence[str]) -> int:
     """Exit 0 when the runner on this machine answers /healthz (for exec probes and scripts)."""
-    address = argv[0] if argv else os.environ.get("PROM_ADDRESS", ":9090")
+    address = argv[0] if argv else (os.environ.get("PROM_ADDRESS") or ":9090")
+    if address == "off":
+        print("check: the HTTP server is off (--prom-address off)", file=sys.stderr)
+        return 1
     host, _, port = address.rpartition(":")
     url = f"http://{host.strip('[]') or '127.0.0.1'}:{port}/healthz"
     try:

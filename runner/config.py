@@ -262,6 +262,7 @@ def _queue_root_default(environ: Mapping[str, str]) -> str:
 
 _PATH_FORM = "a directory path (~, $VAR and ${VAR} are expanded)"
 _COUNT_FORM = "a whole number, 0 or more"
+_BOOL_FORM = "true or false (also 1/0, yes/no)"
 
 
 @dataclass(frozen=True)
@@ -297,12 +298,12 @@ _JOB = "job mode"
 _OPERATIONS = "operations"
 
 _GROUP_TITLES = {
-    _QUEUES: "queues: where experiments come from",
-    _STORAGE: "storage: directories and caches",
-    _RESOURCES: "resources: what experiments may use on this machine",
-    _LIFECYCLE: "lifecycle: stopping, draining and retrying experiments",
-    _JOB: "job mode: exit when the work is done (Kubernetes Jobs, scale to zero)",
-    _OPERATIONS: "operations: metrics, logs, debugging",
+    _QUEUES: "queues (where experiments come from)",
+    _STORAGE: "storage (directories and caches)",
+    _RESOURCES: "resources (what experiments may use on this machine)",
+    _LIFECYCLE: "lifecycle (stopping, draining and retrying experiments)",
+    _JOB: "job mode (exit when the work is done: Kubernetes Jobs, scale to zero)",
+    _OPERATIONS: "operations (metrics, logs, debugging)",
 }
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -388,7 +389,7 @@ _OPTIONS: tuple[_Option, ...] = (
         _STORAGE,
         _bool,
         "false",
-        "true or false",
+        _BOOL_FORM,
         "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from an experiment's config.env for artifacts "
         "that carry no credentials",
         switch=True,
@@ -426,8 +427,8 @@ _OPTIONS: tuple[_Option, ...] = (
         _RESOURCES,
         _bool,
         "false",
-        "true or false",
-        "run without GPUs: take only experiments that need none",
+        _BOOL_FORM,
+        "use no GPUs, even when this machine has some",
         switch=True,
     ),
     _Option(
@@ -526,7 +527,7 @@ _OPTIONS: tuple[_Option, ...] = (
         _OPERATIONS,
         _bool,
         "false",
-        "true or false",
+        _BOOL_FORM,
         "keep experiment directories and log at debug level (request bodies and secrets are never logged)",
         switch=True,
     ),
@@ -553,12 +554,14 @@ class _HelpFormatter(argparse.HelpFormatter):
     """Shows one spelling per option; the description says that the single-dash one works too."""
 
     def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34, width=min(120, shutil.get_terminal_size().columns - 2))
+        super().__init__(prog, max_help_position=34, width=max(60, min(120, shutil.get_terminal_size().columns - 2)))
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
-        if not action.option_strings or action.nargs == 0:
-            return action.option_strings[0] if action.option_strings else super()._format_action_invocation(action)
-        return f"{action.option_strings[0]} {self._format_args(action, action.dest.upper())}"
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return action.option_strings[0]
+        return f"{action.option_strings[0]} {action.metavar}"
 
 
 def build_parser() -> argparse.ArgumentParser:
