@@ -185,8 +185,10 @@ async def main_async(args: argparse.Namespace) -> int:
             runner.terminate()
             runner.wait(60)
     base_median, lat_median, lat_p95 = statistics.median(base), statistics.median(lat), percentile(lat, 0.95)
-    print(f"dispatch on the local queue: {args.count} experiments one at a time, burst of {args.burst}, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"dispatch on the local queue: {args.count} experiments one at a time, burst of {args.burst}, "
+        f"{os.cpu_count()} cores"
+    )
     report("baseline: python started directly", f"{base_median * 1000:.1f} ms", "-", True, "(median)")
     report(
         "publish → first line, median",

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, normalise_requirements
+from runner.logs import event_fields
 from runner.metrics import Metrics
 from runner.outcome import EXIT_TEMPFAIL, Outcome
 from runner.queues.base import QueueRef
@@ -160,7 +161,7 @@ class Experiment:
         process_env = await asyncio.to_thread(self._process_environment, env)
         phase = time.monotonic()
         self.tools.metrics.dispatch_seconds.observe(phase - self.received_at)
-        self._log("process starting", python=str(env.python), filename=exp.filename)
+        self._log("process starting", python=str(env.python), script=exp.filename)
         process = await self._supervise(argv, process_env, deadline)
         self.tools.metrics.phase_seconds.labels("run").observe(time.monotonic() - phase)
         return self._judge(process, limit_text)
@@ -377,7 +378,7 @@ class Experiment:
 
     async def _upload(self, label: str, *, checkpoint: bool) -> None:
         artifact = self.artifacts[label]
-        if not (artifact.qualified or (artifact.bucket and artifact.key)):
+        if not (artifact.qualified or artifact.url):
             return
         lock = self._upload_locks.setdefault(label, asyncio.Lock())
         async with lock:
@@ -414,9 +415,7 @@ class Experiment:
         if not (key_id and secret):
             return artifacts
         creds = AwsCredentials(key_id, secret, env.get("AWS_SESSION_TOKEN", ""), env.get("AWS_DEFAULT_REGION", ""))
-        return {
-            label: a if a.aws is not None else dataclasses.replace(a, aws=creds) for label, a in artifacts.items()
-        }
+        return {label: a if a.aws is not None else dataclasses.replace(a, aws=creds) for label, a in artifacts.items()}
 
     def _secrets(self) -> set[str]:
         secrets = set()
@@ -429,7 +428,7 @@ class Experiment:
         return {s for s in secrets if s}
 
     def _log(self, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
-        log.log(level, message, extra={"key": self.key, "queue": str(self.queue), **fields})
+        log.log(level, message, extra=event_fields({"key": self.key, "queue": str(self.queue), **fields}))
 
 
 async def _wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:

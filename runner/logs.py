@@ -16,6 +16,11 @@ from pythonjsonlogger.json import JsonFormatter
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
 
+def event_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` for a log call, renaming keys that LogRecord reserves (``filename``, ``message``…) with a ``_``."""
+    return {(f"{k}_" if k in _STANDARD_ATTRS else k): v for k, v in fields.items()}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
 

@@ -19,7 +19,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.build_info = Gauge("runner_build_info", "Version of this runner", ["version", "python_version"], registry=r)
+        self.build_info = Gauge(
+            "runner_build_info", "Version of this runner", ["version", "python_version"], registry=r
+        )
         self.build_info.labels(__version__, platform.python_version()).set(1)
         self.messages_received = Counter(
             "runner_messages_received_total", "Messages taken from queues", ["broker", "queue"], registry=r
@@ -65,7 +67,9 @@ class Metrics:
         self.lease_extensions = Counter(
             "runner_lease_extensions_total", "Message leases extended", ["broker"], registry=r
         )
-        self.lease_lost = Counter("runner_lease_lost_total", "Message leases that could not be kept", ["broker"], registry=r)
+        self.lease_lost = Counter(
+            "runner_lease_lost_total", "Message leases that could not be kept", ["broker"], registry=r
+        )
         self.queues_watched = Gauge("runner_queues_watched", "Queues being consumed", ["broker"], registry=r)
         self.draining = Gauge("runner_draining", "1 while the runner drains before exit", registry=r)
         self.loop_lag = Gauge("runner_event_loop_lag_seconds", "Last measured event loop lag", registry=r)

@@ -34,7 +34,7 @@ from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, T
 from runner.http import HttpServer, HttpView
 from runner.intake import Intake
 from runner.metrics import Metrics
-from runner.outcome import Action, Outcome, SettlePolicy, Settlement, settle
+from runner.outcome import Action, Outcome, Settlement, SettlePolicy, settle
 from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
 from runner.queues.local import LocalBroker
 from runner.queues.matcher import QueueMatcher
@@ -49,7 +49,7 @@ from runner.units import format_size
 
 log = logging.getLogger("runner.service")
 
-ShutdownTrigger = Callable[[], Awaitable[None]]
+ShutdownTrigger = Callable[[], Awaitable[object]]
 
 # A duplicate of an experiment running here goes back to the queue for this long (the client can publish twice).
 DUPLICATE_REQUEUE_DELAY = 30.0
@@ -206,8 +206,8 @@ class Runner:
 
     async def _until_stop(self, trigger: ShutdownTrigger) -> None:
         async with asyncio.TaskGroup() as tg:
-            waiters = [tg.create_task(trigger()), tg.create_task(self._job_mode_done())]
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            waiters = [tg.create_task(_awaited(trigger)), tg.create_task(self._job_mode_done())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for task in waiters:
                 task.cancel()
         self._stopping.set()
@@ -298,7 +298,9 @@ class Runner:
         try:
             request = parse_request(delivery.body)
         except RequestError as err:
-            return Refusal(Settlement(Action.DEAD_LETTER, reason=f"invalid request: {err}"), "rejected", Outcome.REJECTED)
+            return Refusal(
+                Settlement(Action.DEAD_LETTER, reason=f"invalid request: {err}"), "rejected", Outcome.REJECTED
+            )
         key = request.experiment.key
         needs = request.experiment.resources
         self.intake.remember(queue, needs)
@@ -308,7 +310,9 @@ class Runner:
                 "duplicate",
             )
         if self._recently_succeeded(key):
-            return Refusal(Settlement(Action.ACK, reason="a duplicate of an experiment that succeeded here"), "duplicate")
+            return Refusal(
+                Settlement(Action.ACK, reason="a duplicate of an experiment that succeeded here"), "duplicate"
+            )
         never = self.allocator.never_fits(needs)
         if never is not None:
             self.intake.pause(queue, NO_FIT_PAUSE)
@@ -378,7 +382,7 @@ class Runner:
                     **extra,
                     "outcome": str(result.outcome),
                     "exit_code": result.exit_code,
-                    "message": result.message,
+                    "reason": result.message,
                     "seconds": round(time.monotonic() - started, 3),
                     "settle": str(settlement.action),
                 },
@@ -396,7 +400,9 @@ class Runner:
                 self.metrics.lease_extensions.labels(broker).inc()
             except Exception as err:
                 self.metrics.lease_lost.labels(broker).inc()
-                log.warning("could not extend the message lease", extra={"queue": str(delivery.queue), "error": str(err)})
+                log.warning(
+                    "could not extend the message lease", extra={"queue": str(delivery.queue), "error": str(err)}
+                )
 
     async def _settle(self, delivery: Delivery, settlement: Settlement, extra: dict[str, Any]) -> None:
         try:
@@ -462,6 +468,10 @@ class Runner:
 
     def _http_view(self) -> HttpView:
         return HttpView(metrics=self.metrics, healthy=self._healthy, ready=lambda: self._ready, status=self.status)
+
+
+async def _awaited(trigger: ShutdownTrigger) -> None:
+    await trigger()
 
 
 def _make_dirs(settings: Settings) -> None:

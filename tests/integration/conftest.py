@@ -72,6 +72,8 @@ class RunnerProcess:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
+        except OSError:  # not listening yet, or already gone
+            return 0, ""
 
     def wait(self, timeout: float = 60.0) -> int:
         try:

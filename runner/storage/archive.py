@@ -1,0 +1,324 @@
+"""Tar archives of artifact directories: naming rules, compression, safe extraction and packing.
+
+Everything here is synchronous and touches the disk; callers run it in a worker thread.
+
+Two rules shape this module:
+
+* Reading never trusts the key's extension. The StudioML client uploads plain tars under ``.tar.gz`` and
+  ``.tar.bz2`` keys (it names the object after the configured compression but always writes ``tarfile.open('w')``),
+  so the compression is sniffed from the first bytes of the file.
+* An archive comes from whoever can write to the bucket, so every entry is checked before anything is written:
+  no absolute paths, no ``..``, no links leading out of the artifact directory, no devices or FIFOs. The
+  ``data`` extraction filter of :mod:`tarfile` is applied as well, as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import logging
+import lzma
+import os
+import posixpath
+import secrets
+import stat
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from runner.storage.base import StorageError
+
+log = logging.getLogger(__name__)
+
+
+class ArchiveError(StorageError):
+    """An archive could not be read or written: corrupt, truncated, not a tar, or a key that names no tar."""
+
+
+class UnsafeArchive(ArchiveError):
+    """An archive holds an entry that would land outside its directory, or a device or FIFO."""
+
+
+# Suffixes that mark a key as a tar archive (studio-go-runner's rule, plus .tar.xz).
+_TAR_SUFFIXES = (".tar", ".tgz", ".tbz", ".tbz2", ".tar.bz2", ".tar.bzip2", ".tar.gz", ".tar.xz")
+
+# Last extension -> compression used when writing.
+_WRITE_COMPRESSION = {
+    ".tar": "",
+    ".gz": "gz",
+    ".gzip": "gz",
+    # studio-go-runner wrote bzip2 under .tgz for a quirk of the python client. Readers here (and the StudioML
+    # client's tarfile.open('r:*')) sniff the content, so .tgz gets the gzip everyone expects from the name.
+    ".tgz": "gz",
+    ".bz2": "bz2",
+    ".bzip2": "bz2",
+    ".tbz": "bz2",
+    ".tbz2": "bz2",
+    ".tb2": "bz2",
+    ".xz": "xz",
+}
+
+_MAGIC = (
+    (b"\x1f\x8b", "gz"),
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+)
+
+# Errors the decompressors and tarfile raise for damaged input.
+_CORRUPT = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+
+# Links are followed at most this many times while checking where a path lands (the kernel allows 40).
+_MAX_LINK_HOPS = 40
+
+
+def _basename(key: str) -> str:
+    return posixpath.basename(key.rstrip("/")).lower()
+
+
+def looks_like_tar(key: str) -> bool:
+    """Whether an object key names a tar archive: ``.tar.`` inside its name, or a tar suffix."""
+    name = _basename(key)
+    return ".tar." in name or name.endswith(_TAR_SUFFIXES)
+
+
+def compression_for_key(key: str) -> str:
+    """The compression to WRITE under ``key``: ``""`` (plain tar), ``"gz"``, ``"bz2"`` or ``"xz"``.
+
+    Chosen by the last extension; anything unrecognised gets a plain tar, which every reader opens.
+    """
+    _, ext = posixpath.splitext(_basename(key))
+    return _WRITE_COMPRESSION.get(ext, "")
+
+
+def sniff_compression(path: Path) -> str:
+    """The compression of ``path`` from its magic bytes: ``"gz"``, ``"bz2"``, ``"xz"`` or ``""`` (none known)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def unpack(archive: Path, dest: Path) -> int:
+    """Extract ``archive`` into ``dest`` (created) and return the bytes of regular files written.
+
+    Every entry is validated before the first one is written, so an :class:`UnsafeArchive` leaves nothing behind.
+    A zero-length file is taken as an empty archive.
+    """
+    if archive.stat().st_size == 0:
+        dest.mkdir(parents=True, exist_ok=True)
+        return 0
+    compression = sniff_compression(archive)
+    try:
+        tf = _open_tar(archive, compression, "r")
+    except _CORRUPT as err:
+        kind = f"{compression}-compressed tar" if compression else "tar archive"
+        raise ArchiveError(f"{archive.name} is not a readable {kind}: {_describe(err)}") from None
+    with tf:
+        members = _read_members(tf, archive, compression)
+        _validate(members, archive.name)
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
+                tf.extractall(dest, members=members, filter="data")
+            else:  # pragma: no cover - older 3.11 patch releases rely on _validate alone
+                tf.extractall(dest, members=members)
+        except tarfile.FilterError as err:
+            raise UnsafeArchive(f"unsafe entry in {archive.name}: {err}") from None
+        except _CORRUPT as err:
+            raise ArchiveError(f"{archive.name} is damaged: {_describe(err)}") from None
+    return sum(m.size for m in members if m.isreg())
+
+
+def _read_members(tf: tarfile.TarFile, archive: Path, compression: str) -> list[tarfile.TarInfo]:
+    """Read every header; for compressed archives this decompresses the whole stream, which finds truncation."""
+    try:
+        members = tf.getmembers()
+    except _CORRUPT as err:
+        raise ArchiveError(f"{archive.name} is damaged or truncated: {_describe(err)}") from None
+    except OSError as err:  # bz2 reports a damaged stream as a plain OSError
+        raise ArchiveError(f"{archive.name} is damaged or truncated: {_describe(err)}") from None
+    if not compression:
+        # A plain tar cut short inside the last file's data still lists every header; compare against its length.
+        end = max((m.offset_data + m.size for m in members if m.isreg()), default=0)
+        if end > archive.stat().st_size:
+            raise ArchiveError(f"{archive.name} is truncated: its entries need {end} bytes, the file has fewer")
+    return members
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def _validate(members: list[tarfile.TarInfo], archive_name: str) -> None:
+    # Every symlink in the archive, so that a path passing through one is checked where it really lands.
+    links = {"/".join(_parts(m.name)): m.linkname for m in members if m.issym()}
+    for member in members:
+        reason = _unsafe_reason(member, links)
+        if reason:
+            raise UnsafeArchive(f"unsafe entry {member.name!r} in {archive_name}: {reason}")
+
+
+def _unsafe_reason(member: tarfile.TarInfo, links: dict[str, str]) -> str:
+    name = member.name
+    if name.startswith("/"):
+        return "absolute path"
+    parts = _parts(name)
+    if ".." in parts:
+        return "path escapes the artifact directory"
+    if member.ischr() or member.isblk():
+        return "device entries are not allowed"
+    if member.isfifo():
+        return "FIFO entries are not allowed"
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        return "unsupported entry type"
+    if not parts and not member.isdir():
+        return "the entry would replace the artifact directory itself"
+    # The entry's own name is created in place (an older symlink of that name is replaced), so only its parent
+    # directories are resolved through links.
+    try:
+        if _resolve(parts[:-1], links) is None:
+            return "path escapes the artifact directory through a symlink"
+        if member.issym():
+            return _link_reason("symlink", member.linkname, parts[:-1], links)
+        if member.islnk():
+            # Hard link targets are names inside the archive, relative to its root.
+            return _link_reason("hard link", member.linkname, [], links)
+    except _LinkLoop:
+        return "symlinks in the archive form a loop"
+    return ""
+
+
+def _link_reason(kind: str, target: str, base: list[str], links: dict[str, str]) -> str:
+    if target.startswith("/"):
+        return f"{kind} to absolute path {target!r}"
+    if not target:
+        return f"{kind} with an empty target"
+    if _resolve(base + target.split("/"), links) is None:
+        return f"{kind} target {target!r} escapes the artifact directory"
+    return ""
+
+
+class _LinkLoop(Exception):
+    pass
+
+
+def _resolve(parts: list[str], links: dict[str, str]) -> list[str] | None:
+    """Where ``parts`` lands below the artifact directory once the archive's own symlinks are followed.
+
+    Returns None when it leaves the directory. Lexical normalisation alone is not enough: with ``s -> .``,
+    ``s/../x`` is ``x`` on paper but the parent of the directory on disk.
+    """
+    pending = list(parts)
+    out: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                return None
+            out.pop()
+            continue
+        out.append(part)
+        target = links.get("/".join(out))
+        if target is None:
+            continue
+        hops += 1
+        if hops > _MAX_LINK_HOPS:
+            raise _LinkLoop
+        if target.startswith("/"):
+            return None
+        out.pop()
+        pending = target.split("/") + pending
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing
+
+_COMPRESSIONS = ("", "gz", "bz2", "xz")
+
+
+def pack(src_dir: Path, archive: Path, compression: str) -> int:
+    """Write a tar of the contents of ``src_dir`` to ``archive`` and return the archive's size in bytes.
+
+    Member names are relative to ``src_dir`` without a ``./`` prefix or a top-level directory, as the StudioML
+    client writes them. Symlinks stay symlinks. Sockets, FIFOs and devices are skipped. The archive is written to a
+    temporary file next to ``archive`` and renamed into place, so a reader never sees half of it.
+
+    Raises ArchiveError for a bad compression name or a missing directory, OSError for filesystem trouble.
+    """
+    if compression not in _COMPRESSIONS:
+        raise ArchiveError(f"unknown compression {compression!r}; expected one of {list(_COMPRESSIONS)}")
+    if not src_dir.is_dir():
+        raise ArchiveError(f"cannot pack {src_dir}: not a directory")
+    tmp = archive.with_name(f".{archive.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with _open_tar(tmp, compression, "w") as tf:
+            for path, arcname in _walk(src_dir, skip=tmp):
+                _add(tf, path, arcname)
+        tmp.replace(archive)
+    except _CORRUPT as err:
+        raise ArchiveError(f"could not pack {src_dir} into {archive.name}: {_describe(err)}") from None
+    # An OSError (disk full, unreadable file, a file shrinking while it is read) is left as it is: it is a problem
+    # of this machine, not of any archive, and the next checkpoint may well succeed.
+    finally:
+        tmp.unlink(missing_ok=True)
+    return archive.stat().st_size
+
+
+def _open_tar(path: Path, compression: str, mode: Literal["r", "w"]) -> tarfile.TarFile:
+    if compression == "gz":
+        # Level 9 costs much more time on large checkpoints for a few percent of size.
+        return tarfile.TarFile.gzopen(path, mode, compresslevel=6)
+    if compression == "bz2":
+        return tarfile.TarFile.bz2open(path, mode)
+    if compression == "xz":
+        return tarfile.TarFile.xzopen(path, mode)
+    return tarfile.TarFile.taropen(path, mode)
+
+
+def _walk(src_dir: Path, skip: Path) -> Iterator[tuple[Path, str]]:
+    """Every path below ``src_dir`` with its member name, parents before children, in a stable order."""
+
+    def fail(err: OSError) -> None:
+        raise err
+
+    for top, dirnames, filenames in os.walk(src_dir, onerror=fail):
+        dirnames.sort()
+        rel = os.path.relpath(top, src_dir)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        # os.walk lists symlinks to directories among dirnames but does not descend into them (followlinks=False).
+        for name in [*dirnames, *sorted(filenames)]:
+            path = Path(top, name)
+            if path != skip:
+                yield path, prefix + name
+
+
+def _add(tf: tarfile.TarFile, path: Path, arcname: str) -> None:
+    try:
+        mode = path.lstat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            log.warning("not archiving %s: only files, directories and symlinks are kept", path)
+            return
+        tarinfo = tf.gettarinfo(str(path), arcname)
+        if tarinfo.isreg():
+            with open(path, "rb") as f:
+                tf.addfile(tarinfo, f)
+        else:
+            tf.addfile(tarinfo)
+    except FileNotFoundError:
+        # Removed between listing and reading (a running experiment may delete files while a checkpoint is packed);
+        # nothing of it was written yet, so the archive stays consistent.
+        log.debug("not archiving %s: it disappeared while packing", path)
