@@ -41,7 +41,6 @@ STATUS = "_status"
 RESULTS = "_results"
 OUTPUT = "output"
 NOT_UPLOADED = frozenset({STATUS, RESULTS})
-_RUNNER_SECRET_NAMES = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|KEY|AMQP_URL)", re.IGNORECASE)
 _TAIL_LINES = 20
 
 
@@ -112,7 +111,7 @@ class Experiment:
         self.dir = Path()
         self.started_at = time.time()
         self.artifacts = self._effective_artifacts()
-        self.secret_filter = SecretFilter(self._secrets())
+        self.secret_filter = SecretFilter.for_runner(tools.runner_env, extra=self._request_secrets())
         self._upload_locks: dict[str, asyncio.Lock] = {}
 
     # ----------------------------------------------------------------- public
@@ -417,14 +416,11 @@ class Experiment:
         creds = AwsCredentials(key_id, secret, env.get("AWS_SESSION_TOKEN", ""), env.get("AWS_DEFAULT_REGION", ""))
         return {label: a if a.aws is not None else dataclasses.replace(a, aws=creds) for label, a in artifacts.items()}
 
-    def _secrets(self) -> set[str]:
-        secrets = set()
+    def _request_secrets(self) -> set[str]:
+        secrets: set[str] = set()
         for artifact in self.artifacts.values():
             if artifact.aws is not None:
                 secrets.update({artifact.aws.secret_access_key, artifact.aws.session_token})
-        for name, value in self.tools.runner_env.items():
-            if _RUNNER_SECRET_NAMES.search(name):
-                secrets.add(value)
         return {s for s in secrets if s}
 
     def _log(self, message: str, *, level: int = logging.INFO, **fields: Any) -> None:

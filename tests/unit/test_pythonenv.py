@@ -26,6 +26,7 @@ from runner.execution.pythonenv import (
 )
 
 CURRENT = f"{sys.version_info.major}.{sys.version_info.minor}"
+CURRENT_FULL = f"{CURRENT}.{sys.version_info.micro}"
 BASE_PYTHON = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
 
 
@@ -98,7 +99,7 @@ def test_an_unknown_version_is_a_permanent_error_that_lists_what_exists(pyenv_ro
         resolve_interpreter("3.7.1", pyenv_root=pyenv_root, search_path=empty_path)
     assert caught.value.retryable is False
     assert str(caught.value) == (
-        f"no Python 3.7.1 on this runner; available: 2.7.18, 3.9.1, 3.10.2, 3.10.9, 3.10.11, {sys.version.split()[0]}"
+        f"no Python 3.7.1 on this runner; available: 2.7.18, 3.9.1, 3.10.2, 3.10.9, 3.10.11, {CURRENT_FULL}"
     )
 
 
