@@ -28,6 +28,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner import backends
 from runner.config import Settings
 from runner.execution.pythonenv import EnvCache
 from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, Tools
@@ -36,15 +37,12 @@ from runner.intake import Intake
 from runner.metrics import Metrics
 from runner.outcome import Action, Outcome, Settlement, SettlePolicy, settle
 from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
-from runner.queues.local import LocalBroker
-from runner.queues.matcher import QueueMatcher
 from runner.request import Request, RequestError, parse_request
 from runner.resources import host
 from runner.resources.allocator import Allocation, Allocator
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import ObjectStore
 from runner.storage.cache import ArtifactCache
-from runner.storage.file import FileStore
 from runner.units import format_size
 
 log = logging.getLogger("runner.service")
@@ -127,7 +125,7 @@ class Runner:
             self._publish_capacity(self.allocator)
             self.intake = Intake(self.allocator, limit_tasks=s.limit_tasks)
             brokers = await self._open_brokers(stack)
-            stores = self._stores if self._stores is not None else {"file": FileStore()}
+            stores = self._stores if self._stores is not None else backends.make_stores(s)
             for store in stores.values():
                 stack.push_async_callback(store.close)
             cache = ArtifactCache(s.cache_dir, s.cache_size) if s.cache_size > 0 else None
@@ -178,14 +176,9 @@ class Runner:
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
 
     async def _open_brokers(self, stack: AsyncExitStack) -> list[Broker]:
-        s = self.settings
         if self._brokers is not None:
             return self._brokers
-        matcher = QueueMatcher.from_strings(s.queue_match, s.queue_mismatch)
-        local = LocalBroker(s.queue_root, matcher, poll_interval=s.poll_interval)
-        await local.open()
-        stack.push_async_callback(local.close)
-        return [local]
+        return await backends.open_brokers(self.settings, stack)
 
     def _signal_trigger(self, stack: AsyncExitStack) -> ShutdownTrigger:
         loop = asyncio.get_running_loop()
