@@ -571,7 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     arguments; the parser also works on its own, where each option's value is its raw text."""
     parser = _Parser(
         prog=PROG,
-        usage="%(prog)s [options]",
+        usage="%(prog)s [serve] [options] | submit | show | stop | check | version",
+        epilog=(
+            "other commands: 'submit' queues a workspace like `studio run` (submit --help); 'show [KEY]' prints an "
+            "experiment's output and _results.json; 'stop KEY' asks a running experiment to stop; "
+            "'check [HOST:PORT]' exits 0 when this runner's /healthz answers; 'version'."
+        ),
         description=(
             "Runs StudioML experiments taken from queues. Every option not given on the command line is read from "
             "the environment variable shown with it (the option name upper-cased, '-' replaced by '_'); the "
