@@ -44,6 +44,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -178,9 +185,11 @@ async def main_async(args: argparse.Namespace) -> int:
         try:
             await bench.publish("warm-up")  # builds the Python environment once
             await bench.wait_for(["warm-up"], timeout=300)
+            rss_idle = rss_mib(runner.pid)
             base = await baseline(bench, args.count)
             lat = await latency(bench, args.count)
             rate = await throughput(bench, args.burst)
+            rss_after = rss_mib(runner.pid)
         finally:
             runner.terminate()
             runner.wait(60)
@@ -204,6 +213,13 @@ async def main_async(args: argparse.Namespace) -> int:
         f"≥ {TARGET_RATE:.0f} /s",
         rate >= TARGET_RATE,
         "studio-go-runner 0.047 /s (2.8 per minute)",
+    )
+    report(
+        "runner RSS after all experiments",
+        f"{rss_after:.0f} MiB",
+        "flat",
+        rss_after < rss_idle + 64,
+        f"{rss_idle:.0f} MiB after the first experiment; studio-go-runner grows to 1.4 GiB",
     )
     return 0
 
