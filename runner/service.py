@@ -247,7 +247,7 @@ class Runner:
                 tg.create_task(self._discover_loop(broker))
 
     async def _discover_loop(self, broker: Broker) -> None:
-        interval = float(getattr(broker, "discover_interval", 15.0))
+        interval = broker.discover_interval
         failures = 0
         consumers: dict[QueueRef, asyncio.Task[None]] = {}
         async with asyncio.TaskGroup() as tg:

@@ -58,6 +58,7 @@ class Delivery(Protocol):
 
 class Broker(Protocol):
     name: str
+    discover_interval: float  # seconds between discoveries: how soon a new queue is served
 
     async def discover(self) -> list[QueueRef]:
         """The queues this broker can see now whose names pass the queue matcher."""

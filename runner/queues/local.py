@@ -325,6 +325,8 @@ class LocalBroker:
     """Queues that are directories under ``root``; see the module docstring for the layout and guarantees."""
 
     name = BROKER_NAME
+    # Listing a directory is cheap, so a queue created while the runner runs is served within a second.
+    discover_interval = 1.0
 
     def __init__(
         self,

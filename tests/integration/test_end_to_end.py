@@ -205,3 +205,16 @@ def test_invalid_options_are_all_reported_with_exit_code_2(sandbox: Sandbox) -> 
     )
     assert result.returncode == 2
     assert "--cache-size" in result.stderr and "--max-disk" in result.stderr and "--queue-match" in result.stderr
+
+
+def test_a_queue_created_while_the_runner_runs_is_served_within_seconds(sandbox: Sandbox) -> None:
+    runner = sandbox.start("--limit-tasks", "1")
+    runner.wait_ready()
+    time.sleep(0.5)
+    ws = sandbox.workspace("new", {"new.py": "print('new queue')\n"})
+    submitted = time.monotonic()
+    key = sandbox.submit(ws, "new.py", options=("--queue", "local_brand_new"))
+    results = sandbox.wait_results(key, timeout=30)
+    assert results["outcome"] == "succeeded"
+    assert time.monotonic() - submitted < 5
+    assert runner.wait(30) == 0
