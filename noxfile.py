@@ -29,3 +29,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks print their figures next to a baseline measured in the same run."""
     session.install("-e", ".[test]")
     session.run("python", "bench/dispatch.py", *session.posargs)
+    session.run("python", "bench/rabbitmq.py", *session.posargs)
+    session.run("python", "bench/gpu_allocation.py")
+    session.run("python", "bench/envs.py")  # needs the package index; a few minutes
+    session.install("-e", ".[test,bench]")  # awscli: the baseline of the S3 transfer benchmark
+    session.run("python", "bench/s3.py")  # moves several GiB through a local moto server; a few minutes

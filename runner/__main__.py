@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from runner import __version__, logs
 from runner.config import ConfigError, load_settings, main_error
-from runner.service import Runner
+from runner.service import Runner, StartupRefused
 
 COMMANDS = ("serve", "submit", "show", "stop", "check", "version")
 
@@ -27,6 +27,8 @@ def serve(argv: Sequence[str]) -> int:
         asyncio.run(Runner(settings).serve())
     except KeyboardInterrupt:  # a signal that arrived before the handlers were installed
         return 130
+    except StartupRefused:  # already logged, with what to do about it
+        return 1
     return 0
 
 

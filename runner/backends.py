@@ -6,13 +6,20 @@ one module implementing a protocol (runner/queues/base.py, runner/storage/base.p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 
 from runner.config import Settings
 from runner.queues.base import Broker
 from runner.queues.local import LocalBroker
+from runner.queues.rabbitmq import AmqpEndpoint, RabbitBroker
+from runner.queues.sqs import SqsBroker
 from runner.storage.base import ObjectStore
 from runner.storage.file import FileStore
+from runner.storage.s3 import S3Store
+from runner.storage.s3_endpoints import TlsOptions
+from runner.storage.status_records import StatusRecords
+from runner.storage.transfer import TransferPool
 
 
 async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker]:
@@ -23,10 +30,43 @@ async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker
     await local.open()
     stack.push_async_callback(local.close)
     brokers.append(local)
+    if settings.sqs_certs is not None or settings.aws_region:
+        sqs = SqsBroker(
+            matcher,
+            certs_dir=settings.sqs_certs,
+            chain_region=settings.aws_region,
+            timeout=settings.sqs_timeout,
+            visibility=settings.sqs_visibility,
+        )
+        await sqs.open()
+        stack.push_async_callback(sqs.close)
+        brokers.append(sqs)
+    if settings.amqp_url:
+        rabbit = RabbitBroker(
+            AmqpEndpoint.parse(settings.amqp_url, settings.amqp_mgt_url),
+            matcher,
+            discover_interval=settings.amqp_discover_interval,
+            orphan_grace=settings.amqp_orphan_grace,
+        )
+        await rabbit.open()
+        stack.push_async_callback(rabbit.close)
+        brokers.append(rabbit)
     return brokers
 
 
 def make_stores(settings: Settings) -> dict[str, ObjectStore]:
     """Object stores by URL scheme."""
     stores: dict[str, ObjectStore] = {"file": FileStore()}
+    stores["s3"] = S3Store(
+        pool=TransferPool(settings.transfer_concurrency),
+        default_region=settings.aws_region,
+        tls=TlsOptions(settings.s3_ca, settings.s3_cert, settings.s3_key),
+        part_size=settings.s3_part_size,
+    )
     return stores
+
+
+def make_status_records(settings: Settings, stores: Mapping[str, ObjectStore]) -> StatusRecords:
+    """Updates of the StudioML client's metadata records, through the S3 store when there is one."""
+    s3 = stores.get("s3")
+    return StatusRecords(s3 if isinstance(s3, S3Store) else None, default_region=settings.aws_region)

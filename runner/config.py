@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import platformdirs
 
 from runner.queues.matcher import DEFAULT_MATCH, QueueMatcher
+from runner.queues.rabbitmq import AmqpEndpoint, expand_variables, redact_url
 from runner.units import DURATION_FORM, SIZE_FORM, format_duration, format_size, parse_duration, parse_size
 
 PROG = "python -m runner"
@@ -54,6 +55,7 @@ class Settings:
     cache_dir: Path
     cache_size: int  # bytes; 0 disables the artifact cache
     env_cache_dir: Path
+    env_cache_size: int  # bytes; 0 = unbounded
     max_cores: int  # 0 = all logical CPUs
     max_mem: int  # bytes; 0 = all available RAM
     max_disk: int  # bytes all experiments together may reserve; 0 = free space above a 10 % reserve
@@ -71,6 +73,19 @@ class Settings:
     retry_failed: int
     max_deliveries: int
     poll_interval: float  # seconds
+    amqp_url: str  # "" = RabbitMQ off; holds the password: shown only through redact_url
+    amqp_mgt_url: str  # "" = derived from amqp_url
+    amqp_discover_interval: float  # seconds
+    amqp_orphan_grace: float  # seconds
+    sqs_certs: Path | None  # one sub-directory of AWS credentials per account; None = no such directory
+    sqs_timeout: float  # seconds, for each discrete SQS call
+    sqs_visibility: float  # seconds a received SQS message stays invisible before its lease is extended
+    aws_region: str  # region of the SQS queues reached with the default AWS credential chain; "" = none
+    s3_ca: Path | None
+    s3_cert: Path | None
+    s3_key: Path | None
+    s3_part_size: int  # bytes
+    transfer_concurrency: int
 
     def queue_matcher(self) -> QueueMatcher:
         return QueueMatcher.from_strings(self.queue_match, self.queue_mismatch)
@@ -83,7 +98,7 @@ class Settings:
         return host.removeprefix("[").removesuffix("]"), int(port)
 
     def summary(self) -> dict[str, str]:
-        """Every setting as text for the startup log line; none of them is a secret."""
+        """Every setting as text for the startup log line; passwords in URLs are masked."""
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -96,10 +111,17 @@ class Settings:
             else:
                 out[f.name] = str(value)
         out["prom_address"] = self.prom_address or "off"
+        out["amqp_url"] = redact_url(self.amqp_url) or "off"
+        out["amqp_mgt_url"] = redact_url(self.amqp_mgt_url) or "derived from amqp_url"
         return out
 
 
-_ZERO_SIZE_MEANS = {"cache_size": "0 (cache disabled)", "max_mem": "0 (all available)", "max_disk": "0 (free space)"}
+_ZERO_SIZE_MEANS = {
+    "cache_size": "0 (cache disabled)",
+    "env_cache_size": "0 (unbounded)",
+    "max_mem": "0 (all available)",
+    "max_disk": "0 (free space)",
+}
 
 
 # --- converters: each turns option text into a value or raises _Invalid with what is wrong --------------------------
@@ -241,6 +263,55 @@ def _path(text: str, environ: Mapping[str, str]) -> Path:
     return path
 
 
+def _optional_dir(text: str, environ: Mapping[str, str]) -> Path | None:
+    return _path(text, environ) if text.strip() else None
+
+
+def _optional_file(text: str, environ: Mapping[str, str]) -> Path | None:
+    if not text.strip():
+        return None
+    path = Path(os.path.expanduser(text.strip())).absolute()
+    if not path.is_file():
+        raise _Invalid("is not a readable file")
+    return path
+
+
+def _region(text: str, environ: Mapping[str, str]) -> str:
+    region = text.strip().lower()
+    if region and not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", region):
+        raise _Invalid("is not an AWS region name")
+    return region
+
+
+def _part_size(text: str, environ: Mapping[str, str]) -> int:
+    value = _size(text, environ)
+    if not 5 << 20 <= value <= 5 << 30:
+        raise _Invalid("is outside S3's part sizes (5mib to 5gib)")
+    return value
+
+
+def _amqp_url(text: str, environ: Mapping[str, str]) -> str:
+    if not text.strip():
+        return ""
+    try:
+        url = expand_variables(text, environ)
+        AmqpEndpoint.parse(url)
+    except ValueError as err:
+        raise _Invalid(str(err)) from None
+    return url
+
+
+def _amqp_management_url(text: str, environ: Mapping[str, str]) -> str:
+    if not text.strip():
+        return ""
+    try:
+        url = expand_variables(text, environ)
+        AmqpEndpoint.parse("amqp://localhost/", url)
+    except ValueError as err:
+        raise _Invalid(str(err).removeprefix("management URL ")) from None
+    return url
+
+
 def _physical_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -277,6 +348,7 @@ class _Option:
     shown_default: str = ""  # how --help shows a computed default
     blank_is_value: bool = False  # "" means something for this option, so an empty env var is not "unset"
     switch: bool = False  # a boolean flag that takes no value on the command line
+    secret: bool = False  # the value may hold a password: problems show it masked
 
     @property
     def env(self) -> str:
@@ -346,6 +418,89 @@ _OPTIONS: tuple[_Option, ...] = (
         metavar="DURATION",
     ),
     _Option(
+        "amqp-url",
+        _QUEUES,
+        _amqp_url,
+        "",
+        "amqp://user:password@host:port/vhost or amqps://..., or empty ($VAR and ${VAR} are expanded)",
+        "RabbitMQ server whose StudioML queues are served (user and password default to guest); empty = none",
+        metavar="URL",
+        blank_is_value=True,
+        secret=True,
+    ),
+    _Option(
+        "amqp-mgt-url",
+        _QUEUES,
+        _amqp_management_url,
+        "",
+        "http(s)://[user:password@]host:port, or empty ($VAR and ${VAR} are expanded)",
+        "RabbitMQ management API used to discover queues; empty = the AMQP host at its port + 10000 (https for "
+        "amqps). Credentials given here replace those of --amqp-url",
+        metavar="URL",
+        blank_is_value=True,
+        secret=True,
+    ),
+    _Option(
+        "amqp-discover-interval",
+        _QUEUES,
+        _positive_duration,
+        "10s",
+        f"{DURATION_FORM}, above 0",
+        "how often RabbitMQ queues are listed; new queues are served and deleted ones dropped without a restart",
+        metavar="DURATION",
+    ),
+    _Option(
+        "amqp-orphan-grace",
+        _QUEUES,
+        _positive_duration,
+        "2m",
+        f"{DURATION_FORM}, above 0",
+        "how long a runner may stay disconnected from RabbitMQ before other runners return the messages it "
+        "holds to their queues (docs/rabbitmq.md)",
+        metavar="DURATION",
+    ),
+    _Option(
+        "sqs-certs",
+        _QUEUES,
+        _optional_dir,
+        "",
+        f"{_PATH_FORM}, or empty",
+        "directory with one sub-directory of AWS credentials and config files per account whose SQS queues are "
+        "served (read again at every discovery); empty = none",
+        metavar="DIR",
+        blank_is_value=True,
+    ),
+    _Option(
+        "aws-region",
+        _QUEUES,
+        _region,
+        "",
+        "an AWS region such as us-west-2, or empty",
+        "serve the SQS queues of this region reached with the default AWS credential chain (environment, shared "
+        "files, IRSA, instance profile); empty = only --sqs-certs accounts. Also the default region for S3",
+        metavar="REGION",
+        blank_is_value=True,
+    ),
+    _Option(
+        "sqs-timeout",
+        _QUEUES,
+        _positive_duration,
+        "15s",
+        f"{DURATION_FORM}, above 0",
+        "time limit of each discrete SQS call (listing queues, extending leases, settling)",
+        metavar="DURATION",
+    ),
+    _Option(
+        "sqs-visibility",
+        _QUEUES,
+        _positive_duration,
+        "2m",
+        f"{DURATION_FORM}, above 0",
+        "how long a received SQS message stays invisible to other runners; the lease is extended every third of "
+        "it while the experiment runs, and a message of a runner that died reappears after it",
+        metavar="DURATION",
+    ),
+    _Option(
         "working-dir",
         _STORAGE,
         _path,
@@ -380,9 +535,19 @@ _OPTIONS: tuple[_Option, ...] = (
         _path,
         lambda _env: str(_cache_root() / "envs"),
         _PATH_FORM,
-        "cache of built Python environments",
+        "cache of built Python environments; runners on one host or volume may share it",
         metavar="DIR",
         shown_default="<user cache>/studio-runner/envs",
+    ),
+    _Option(
+        "env-cache-size",
+        _STORAGE,
+        _size,
+        "20gib",
+        f"{SIZE_FORM}, or 0",
+        "disk budget of the environment cache (with uv's cache inside it); least recently used environments "
+        "nobody uses are evicted beyond it; 0 = unbounded",
+        metavar="SIZE",
     ),
     _Option(
         "allow-env-secrets",
@@ -393,6 +558,54 @@ _OPTIONS: tuple[_Option, ...] = (
         "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from an experiment's config.env for artifacts "
         "that carry no credentials",
         switch=True,
+    ),
+    _Option(
+        "s3-ca",
+        _STORAGE,
+        _optional_file,
+        "",
+        "a PEM file path, or empty",
+        "CA certificates to trust for self-hosted S3 endpoints; setting any --s3-* TLS option makes them https",
+        metavar="FILE",
+        blank_is_value=True,
+    ),
+    _Option(
+        "s3-cert",
+        _STORAGE,
+        _optional_file,
+        "",
+        "a PEM file path, or empty",
+        "client certificate for S3 endpoints (may also hold the key)",
+        metavar="FILE",
+        blank_is_value=True,
+    ),
+    _Option(
+        "s3-key",
+        _STORAGE,
+        _optional_file,
+        "",
+        "a PEM file path, or empty",
+        "private key of --s3-cert",
+        metavar="FILE",
+        blank_is_value=True,
+    ),
+    _Option(
+        "s3-part-size",
+        _STORAGE,
+        _part_size,
+        "8mib",
+        "a byte size from 5mib to 5gib",
+        "part size of S3 multipart uploads; larger objects are uploaded in parts of this size",
+        metavar="SIZE",
+    ),
+    _Option(
+        "transfer-concurrency",
+        _STORAGE,
+        _at_least_one,
+        "16",
+        "a whole number, 1 or more",
+        "object-store requests in flight at once across all experiments (ranged downloads, upload parts)",
+        metavar="N",
     ),
     _Option(
         "max-cores",
@@ -677,7 +890,8 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
                 raise _Invalid("is empty")
             values[option.field] = option.parse(text, environ)
         except _Invalid as invalid:
-            problems.append(f"--{option.flag} ({source}): {_shown(text)} {invalid.reason}; expected {option.form}")
+            shown = _shown(redact_url(text) if option.secret else text)
+            problems.append(f"--{option.flag} ({source}): {shown} {invalid.reason}; expected {option.form}")
     if problems:
         raise ConfigError(problems)
     return Settings(**values)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
-from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, normalise_requirements
+from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
 from runner.logs import event_fields
 from runner.metrics import Metrics
 from runner.outcome import EXIT_TEMPFAIL, Outcome
@@ -32,6 +32,7 @@ from runner.resources.allocator import Allocation
 from runner.storage.archive import ArchiveError
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, TransientStorageError
+from runner.storage.status_records import StatusRecords
 from runner.units import format_duration
 
 log = logging.getLogger("runner.experiment")
@@ -63,6 +64,8 @@ class Tools:
     runner_env: Mapping[str, str]
     host: str
     settings: LifecycleSettings
+    # The StudioML client's metadata records (status running/finished); disabled unless the service provides them.
+    status_records: StatusRecords = field(default_factory=StatusRecords.disabled)
 
 
 @dataclass
@@ -112,7 +115,10 @@ class Experiment:
         self.started_at = time.time()
         self.artifacts = self._effective_artifacts()
         self.secret_filter = SecretFilter.for_runner(tools.runner_env, extra=self._request_secrets())
+        self.record = tools.status_records.for_request(request)
         self._upload_locks: dict[str, asyncio.Lock] = {}
+        # Holds the lease on the cached Python environment until the experiment is over (so it is never evicted).
+        self._env_lease = contextlib.AsyncExitStack()
 
     # ----------------------------------------------------------------- public
 
@@ -126,6 +132,7 @@ class Experiment:
             await self._finish(result)
             return result
         finally:
+            await self._env_lease.aclose()
             if self.dir != Path() and not self.tools.settings.debug:
                 await asyncio.to_thread(shutil.rmtree, self.dir, True)
 
@@ -222,20 +229,28 @@ class Experiment:
         await asyncio.to_thread(self.output_file.parent.mkdir, parents=True, exist_ok=True)
 
     async def _environment(self) -> PythonEnv:
+        """The experiment's own virtualenv (an overlay on the cached environment), leased until the run is over.
+
+        Requirement warnings go to the experiment's ``output`` and, with the build log, to ``output/outputPEnv``.
+        A build that cannot succeed (unknown package, no such Python) is ``failed``; anything that may pass on
+        another attempt (network, disk, timeout) is ``infrastructure`` (see docs/environments.md).
+        """
         exp, cfg = self.request.experiment, self.request.config
-        requirements, warnings = normalise_requirements(exp.pythonenv, cfg.pip, cfg.env)
-        for warning in warnings:
-            await self._note(f"[runner] {warning}")
+        gpus = bool(self.allocation and self.allocation.gpus)
+        requirements, warnings = normalise_requirements(exp.pythonenv, cfg.pip, cfg.env, gpus=gpus)
         env_log = self.dir / OUTPUT / "outputPEnv"
         await asyncio.to_thread(env_log.parent.mkdir, parents=True, exist_ok=True)
-        envs = self.tools.envs
+        for warning in warnings:
+            await self._note(f"[runner] {warning}")
+        if warnings:
+            await asyncio.to_thread(append_log, env_log, [self.secret_filter.redact(w) for w in warnings])
+        overlay = self.dir / "_runner" / "venv"
         try:
-            env = await envs.ensure(exp.pythonver, requirements, env_log)
+            lease = self.tools.envs.use(exp.pythonver, requirements, env_log, overlay=overlay)
+            return await self._env_lease.enter_async_context(lease)
         except EnvBuildError as err:
             outcome = Outcome.INFRASTRUCTURE if err.retryable else Outcome.FAILED
-            self.tools.metrics.env_cache_requests.labels("error").inc()
             await self._abort(outcome, f"failed to build the Python environment: {err}")
-        return env
 
     def _process_environment(self, env: PythonEnv) -> dict[str, str]:
         mapping = self.dir / "_runner" / "artifact-mapping.json"
@@ -270,6 +285,7 @@ class Experiment:
     async def _supervise(self, argv: list[str], env: dict[str, str], deadline: float | None) -> ProcessResult:
         finished = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.record.started())  # beside the process: a slow metadata store must not delay it
             tg.create_task(self._checkpoints(finished))
             if STATUS in self.artifacts:
                 tg.create_task(self._watch_status(finished))
@@ -310,6 +326,7 @@ class Experiment:
         while not await _wait_or_timeout(finished, period):
             with contextlib.suppress(StorageError, OSError):
                 await self._upload(label, checkpoint=True)
+                await self.record.checkpoint()
 
     async def _watch_status(self, finished: asyncio.Event) -> None:
         scratch = self.dir / "_runner" / "status"
@@ -341,6 +358,7 @@ class Experiment:
             result.outcome = Outcome.INFRASTRUCTURE
             result.message = "results could not be uploaded: " + "; ".join(failures)
         await self._write_results(result)
+        await self.record.finished(result.outcome)
         self.tools.metrics.phase_seconds.labels("upload").observe(time.monotonic() - phase)
 
     async def _write_results(self, result: ExperimentResult) -> None:

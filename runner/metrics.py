@@ -6,10 +6,15 @@ Labels stay bounded (queue, broker, outcome, phase…); experiment keys are neve
 from __future__ import annotations
 
 import platform
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from runner import __version__
+
+if TYPE_CHECKING:
+    from runner.resources.gpu import GpuDevice
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
@@ -50,7 +55,19 @@ class Metrics:
             registry=r,
         )
         self.env_cache_requests = Counter(
-            "runner_env_cache_requests_total", "Python environment lookups", ["result"], registry=r
+            "runner_env_cache_requests_total",
+            "Python environment lookups: hit, miss (built), shared (built by a concurrent lookup), error",
+            ["result"],
+            registry=r,
+        )
+        self.env_cache_evictions = Counter(
+            "runner_env_cache_evictions_total",
+            "Python environments evicted, and cleanings of the runner's uv cache, to stay within --env-cache-size",
+            ["kind"],
+            registry=r,
+        )
+        self.env_cache_bytes = Gauge(
+            "runner_env_cache_bytes", "Disk used by the Python environment cache at its last measurement", registry=r
         )
         self.artifact_cache_requests = Counter(
             "runner_artifact_cache_requests_total", "Artifact cache lookups", ["result"], registry=r
@@ -59,7 +76,23 @@ class Metrics:
             "runner_artifact_transfer_bytes_total", "Artifact bytes moved", ["direction", "scheme"], registry=r
         )
         self.capacity_slots = Gauge(
-            "runner_capacity_slots", "CPU cores and GPUs, free or busy", ["resource", "state"], registry=r
+            "runner_capacity_slots",
+            "CPU cores and GPU devices, free or busy (GPUs also unhealthy: excluded for a fault)",
+            ["resource", "state"],
+            registry=r,
+        )
+        self.gpu_info = Gauge(
+            "runner_gpu_info",
+            "GPU devices this runner may give out (whole cards and MIG instances), 1 each",
+            ["uuid", "name", "kind", "parent", "driver"],
+            registry=r,
+        )
+        self.gpu_memory = Gauge("runner_gpu_memory_bytes", "Memory of each GPU device", ["uuid"], registry=r)
+        self.gpu_healthy = Gauge(
+            "runner_gpu_healthy",
+            "1 while a GPU device may be given out, 0 once excluded for a fault",
+            ["uuid"],
+            registry=r,
         )
         self.capacity_bytes = Gauge(
             "runner_capacity_bytes", "RAM and disk budget in bytes, free or busy", ["resource", "state"], registry=r
@@ -73,6 +106,18 @@ class Metrics:
         self.queues_watched = Gauge("runner_queues_watched", "Queues being consumed", ["broker"], registry=r)
         self.draining = Gauge("runner_draining", "1 while the runner drains before exit", registry=r)
         self.loop_lag = Gauge("runner_event_loop_lag_seconds", "Last measured event loop lag", registry=r)
+
+    def publish_gpus(self, devices: Sequence[GpuDevice], busy: Collection[str], driver: str) -> None:
+        """GPU devices free, busy (held by an experiment) and unhealthy, and one info series per device."""
+        held = sum(1 for d in devices if d.uuid in busy)
+        free = sum(1 for d in devices if d.healthy and d.uuid not in busy)
+        self.capacity_slots.labels("gpu", "busy").set(held)
+        self.capacity_slots.labels("gpu", "free").set(free)
+        self.capacity_slots.labels("gpu", "unhealthy").set(len(devices) - held - free)
+        for d in devices:
+            self.gpu_info.labels(d.uuid, d.name, "mig" if d.is_mig else "card", d.parent, driver).set(1)
+            self.gpu_memory.labels(d.uuid).set(d.memory)
+            self.gpu_healthy.labels(d.uuid).set(1 if d.healthy else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,7 +38,7 @@ from runner.metrics import Metrics
 from runner.outcome import Action, Outcome, Settlement, SettlePolicy, settle
 from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
 from runner.request import Request, RequestError, parse_request
-from runner.resources import host
+from runner.resources import gpu, host
 from runner.resources.allocator import Allocation, Allocator
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import ObjectStore
@@ -48,6 +48,11 @@ from runner.units import format_size
 log = logging.getLogger("runner.service")
 
 ShutdownTrigger = Callable[[], Awaitable[object]]
+
+
+class StartupRefused(Exception):
+    """The runner cannot do its job on this machine as configured; the reason has been logged."""
+
 
 # A duplicate of an experiment running here goes back to the queue for this long (the client can publish twice).
 DUPLICATE_REQUEUE_DELAY = 30.0
@@ -121,7 +126,17 @@ class Runner:
             capacity = await asyncio.to_thread(
                 host.measure, s.working_dir, max_cores=s.max_cores, max_mem=s.max_mem, max_disk=s.max_disk
             )
-            self.allocator = Allocator(capacity, on_change=self._publish_capacity)
+            gpus = await gpu.take_inventory(self.environ, cpu_only=s.cpu_only)
+            if not s.cpu_only and not gpus.healthy:
+                # Like studio-go-runner: a GPU runner without a usable GPU would only hand work back.
+                reason = gpus.note or f"every GPU is excluded for faults: {gpus.summary()}"
+                log.error(
+                    f"refusing to start: no usable GPU ({reason}); "
+                    "start with --cpu-only (CPU_ONLY=true) to run CPU-only experiments",
+                    extra={"host": self.host},
+                )
+                raise StartupRefused(reason)
+            self.allocator = Allocator(capacity, on_change=self._publish_capacity, gpus=gpus)
             self._publish_capacity(self.allocator)
             self.intake = Intake(self.allocator, limit_tasks=s.limit_tasks)
             brokers = await self._open_brokers(stack)
@@ -129,12 +144,17 @@ class Runner:
             for store in stores.values():
                 stack.push_async_callback(store.close)
             cache = ArtifactCache(s.cache_dir, s.cache_size) if s.cache_size > 0 else None
+            # Entered for its housekeeping task: leftovers of crashed builds, the --env-cache-size budget.
+            envs = await stack.enter_async_context(
+                EnvCache(s.env_cache_dir, max_bytes=s.env_cache_size, runner_env=self.environ, metrics=self.metrics)
+            )
             self._tools = Tools(
                 artifacts=ArtifactIO(stores, cache),
-                envs=EnvCache(s.env_cache_dir),
+                envs=envs,
                 metrics=self.metrics,
                 runner_env=self.environ,
                 host=self.host,
+                status_records=backends.make_status_records(s, stores),
                 settings=LifecycleSettings(
                     working_dir=s.working_dir,
                     stop_grace=s.stop_grace,
@@ -155,6 +175,8 @@ class Runner:
                     "cores": capacity.cores,
                     "ram": format_size(capacity.ram),
                     "disk": format_size(capacity.disk),
+                    "gpus": gpus.summary(),
+                    "gpu_driver": gpus.driver,
                     "brokers": ",".join(b.name for b in brokers),
                     "http_port": self.http_port,
                     **s.summary(),
@@ -167,12 +189,14 @@ class Runner:
                 async with asyncio.TaskGroup() as services:
                     intake = services.create_task(self._run_intake(brokers))
                     watchdog = services.create_task(self._watchdog())
+                    gpu_faults = services.create_task(gpu.watch_faults(gpus.devices, self.allocator.set_gpu_faults))
                     await self._until_stop(trigger)
                     self._ready = True  # stays ready while draining: scrapes keep working
                     self.intake.close()
                     intake.cancel()
                     await self._drain()
                     watchdog.cancel()
+                    gpu_faults.cancel()
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
 
     async def _open_brokers(self, stack: AsyncExitStack) -> list[Broker]:
@@ -331,13 +355,17 @@ class Runner:
         request = decision.request
         key = request.experiment.key
         extra["key"] = key
+        # A broker whose lease has a ceiling (SQS: 12 h) sets the delivery's ``lease_ending`` before it is reached:
+        # the experiment is then interrupted as in a drain, and the broker renews the message when it is requeued.
+        lease_ending: asyncio.Event | None = getattr(delivery, "lease_ending", None)
+        interrupt = asyncio.Event() if lease_ending is not None else self._interrupt
         experiment = Experiment(
             request,
             queue=delivery.queue,
             attempt=delivery.attempt,
             allocation=decision.allocation,
             tools=self._tools,
-            interrupt=self._interrupt,
+            interrupt=interrupt,
             received_at=decision.received_at,
         )
         self._running[key] = Running(experiment, delivery.queue)
@@ -348,10 +376,12 @@ class Runner:
         try:
             async with asyncio.TaskGroup() as tg:
                 lease = tg.create_task(self._keep_lease(delivery))
+                relay = tg.create_task(_set_when_any(interrupt, self._interrupt, lease_ending))
                 try:
                     result = await experiment.run()
                 finally:
                     lease.cancel()
+                    relay.cancel()
         except asyncio.CancelledError:
             result = ExperimentResult(Outcome.INTERRUPTED, "the runner stopped before the experiment finished")
             raise
@@ -445,6 +475,7 @@ class Runner:
         self.metrics.capacity_bytes.labels("ram", "free").set(cap.ram - allocator.used_ram)
         self.metrics.capacity_bytes.labels("disk", "busy").set(allocator.used_disk)
         self.metrics.capacity_bytes.labels("disk", "free").set(cap.disk - allocator.used_disk)
+        self.metrics.publish_gpus(allocator.devices, allocator.busy_gpus, allocator.inventory.driver)
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -454,7 +485,12 @@ class Runner:
             "intake_open": bool(self.intake and self.intake.is_open),
             "experiments_taken": self.intake.taken if self.intake else 0,
             "running": [
-                {"key": key, "queue": str(r.queue), "seconds": round(now - r.started, 1)}
+                {
+                    "key": key,
+                    "queue": str(r.queue),
+                    "seconds": round(now - r.started, 1),
+                    "gpus": list(r.experiment.allocation.gpus) if r.experiment.allocation else [],
+                }
                 for key, r in sorted(self._running.items())
             ],
         }
@@ -465,6 +501,20 @@ class Runner:
 
 async def _awaited(trigger: ShutdownTrigger) -> None:
     await trigger()
+
+
+async def _set_when_any(target: asyncio.Event, *sources: asyncio.Event | None) -> None:
+    """Set ``target`` once any of ``sources`` is set (nothing to do when ``target`` is one of them)."""
+    watched = [event for event in sources if event is not None]
+    if target in watched:
+        return
+    waiters = [asyncio.ensure_future(event.wait()) for event in watched]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        target.set()
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _make_dirs(settings: Settings) -> None:

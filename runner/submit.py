@@ -29,6 +29,7 @@ from platformdirs import user_data_path
 
 from runner.queues.local import LocalBroker
 from runner.queues.matcher import QueueMatcher
+from runner.queues.rabbitmq import AmqpEndpoint, BrokerUnavailable, expand_variables, redact_url, submit_request
 from runner.storage.archive import pack
 from runner.storage.file import file_url
 
@@ -60,7 +61,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--pip", action="append", default=[], metavar="REQ", help="extra pip requirement (repeatable)")
     p.add_argument("--pythonver", default=f"{sys.version_info.major}.{sys.version_info.minor}")
     p.add_argument("--cpus", type=int, default=1)
-    p.add_argument("--gpus", type=int, default=0)
+    p.add_argument("--gpus", type=int, default=0, help="GPUs (see docs/gpus.md)")
+    p.add_argument("--gpuMem", "--gpu-mem", dest="gpu_mem", default="", help="memory each GPU must have, e.g. 20gb")
+    p.add_argument(
+        "--gpuCount", "--gpu-count", dest="gpu_count", type=int, default=0, help="1 or more: --gpus counts whole cards"
+    )
     p.add_argument("--ram", default="", help="e.g. 2gb")
     p.add_argument("--hdd", default="", help="e.g. 10gb")
     p.add_argument("--max-duration", default="", help="e.g. 20m, 1h30m")
@@ -68,7 +73,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--save-frequency", default="", help="checkpoint period for mutable artifacts, e.g. 5m")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="experiment env (repeatable)")
     p.add_argument("--queue-root", type=Path, default=default_queue_root(environ), help="env QUEUE_ROOT")
+    p.add_argument(
+        "--amqp-url",
+        metavar="URL",
+        help="publish to this RabbitMQ server as the StudioML client does (env AMQP_URL, used for rmq_ queues)",
+    )
     p.add_argument("--storage-root", type=Path, default=default_storage_root(environ), help="env STORAGE_ROOT")
+    p.add_argument(
+        "--s3-url",
+        metavar="s3://HOST[:PORT]/BUCKET",
+        default=environ.get("S3_URL", ""),
+        help="storage for sqs_ queues: workspace, results and status record (env S3_URL; AWS settings from AWS_*)",
+    )
     p.add_argument("script", help="python file to run, relative to the workspace")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
@@ -93,6 +109,10 @@ def build_request(
         resources["ram"] = ns.ram
     if ns.hdd:
         resources["hdd"] = ns.hdd
+    if ns.gpu_mem:
+        resources["gpuMem"] = ns.gpu_mem
+    if ns.gpu_count:
+        resources["gpuCount"] = ns.gpu_count
     artifacts: dict[str, Any] = {
         "workspace": {"unpack": True, "mutable": False, "key": workspace_key, "qualified": workspace_url}
     }
@@ -156,8 +176,29 @@ async def _publish(queue_root: Path, queue: str, body: bytes) -> str:
     return await broker.publish(queue, body)
 
 
+def _amqp_url_for(queue: str, given: str | None, environ: Mapping[str, str]) -> str:
+    """The RabbitMQ URL to publish ``queue`` to, or "" for a local queue: rmq_ queues (as the StudioML client
+    routes them) and any queue given with --amqp-url. Raises ValueError with a sentence that hides the password."""
+    if given is None and not queue.startswith("rmq_"):
+        return ""
+    text = given if given is not None else environ.get("AMQP_URL", "")
+    if not text.strip():
+        raise ValueError(f"{queue} is a RabbitMQ queue: give --amqp-url or set AMQP_URL")
+    try:
+        url = expand_variables(text, environ)
+        AmqpEndpoint.parse(url)
+    except ValueError as err:
+        raise ValueError(f"--amqp-url {redact_url(text)!r} {err}") from None
+    return url
+
+
 def submit(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     ns = build_parser(environ).parse_args(argv)
+    try:
+        amqp_url = _amqp_url_for(ns.queue, ns.amqp_url, environ)
+    except ValueError as err:
+        print(f"submit: {err}", file=sys.stderr)
+        return 2
     workspace: Path = ns.workspace.resolve()
     if not workspace.is_dir():
         print(f"submit: workspace {workspace} is not a directory", file=sys.stderr)
@@ -167,13 +208,24 @@ def submit(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         return 2
     requirements = ns.requirements or (workspace / "requirements.txt")
     pythonenv = _read_requirements(requirements) if requirements.is_file() else []
+    if ns.queue.startswith("sqs_"):  # as the StudioML client routes queue names
+        from runner.submit_aws import submit_sqs
+
+        return submit_sqs(ns, environ, pythonenv)
     key = ns.experiment or f"{int(time.time())}_{uuid.uuid4()}"
     storage_root: Path = ns.storage_root.resolve()
     ns.storage_root = storage_root
     workspace_key, workspace_url = _pack_workspace(workspace, storage_root)
     request = build_request(ns, key=key, workspace_url=workspace_url, workspace_key=workspace_key, pythonenv=pythonenv)
     body = json.dumps(request).encode()
-    message_id = asyncio.run(_publish(ns.queue_root.resolve(), ns.queue, body))
+    if amqp_url:
+        try:
+            message_id = asyncio.run(submit_request(amqp_url, ns.queue, body))
+        except BrokerUnavailable as err:
+            print(f"submit: {err}", file=sys.stderr)
+            return 1
+    else:
+        message_id = asyncio.run(_publish(ns.queue_root.resolve(), ns.queue, body))
     print(f"queued experiment {key} on {ns.queue} (message {message_id})")
     print(f"results: {storage_root / 'experiments' / key}/   (python -m runner show {key})")
     return 0

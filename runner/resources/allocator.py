@@ -1,19 +1,28 @@
-"""All-or-nothing allocation of cores, RAM, disk (and later GPUs) to experiments.
+"""All-or-nothing allocation of cores, RAM, disk and GPUs to experiments.
 
 Every experiment occupies at least one core, even when it asks for ``cpus: 0``: that keeps the number of
 concurrent experiments bounded by the machine, which is what people expect from a job runner.
+
+GPUs are whole devices (cards or MIG instances) given by UUID; how a request's ``gpus``/``gpuMem``/``gpuCount`` map
+to devices is in gpu_need.py. Allocation is synchronous and runs on the event loop, so two requests can never both
+take the last device: the first to call ``try_allocate`` gets everything it asked for, the second nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from runner.request import Resources
+from runner.resources import gpu_need
+from runner.resources.gpu import GpuDevice, GpuInventory, with_faults
 from runner.resources.host import HostCapacity
 from runner.units import format_size
+
+# Requests of distinct sizes whose never_fits answer is remembered (queues usually repeat a handful of sizes).
+_NEVER_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -30,8 +39,18 @@ def cores_for(needs: Resources) -> int:
 
 
 class Allocator:
-    def __init__(self, capacity: HostCapacity, on_change: Callable[[Allocator], None] | None = None) -> None:
+    def __init__(
+        self,
+        capacity: HostCapacity,
+        on_change: Callable[[Allocator], None] | None = None,
+        *,
+        gpus: GpuInventory | None = None,
+    ) -> None:
         self.capacity = capacity
+        self.inventory = gpus if gpus is not None else GpuInventory()
+        self._devices = self.inventory.devices
+        # never_fits depends only on the machine, not on what runs: cached until a device's health changes.
+        self._never: dict[Resources, str | None] = {}
         self._live: dict[int, Allocation] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
@@ -49,11 +68,33 @@ class Allocator:
     def used_disk(self) -> int:
         return sum(a.disk for a in self._live.values())
 
+    @property
+    def devices(self) -> tuple[GpuDevice, ...]:
+        """Every visible GPU device, with its current fault ("" when healthy)."""
+        return self._devices
+
+    @property
+    def busy_gpus(self) -> frozenset[str]:
+        return frozenset(uuid for a in self._live.values() for uuid in a.gpus)
+
+    def free_gpus(self) -> list[GpuDevice]:
+        """Healthy devices no experiment holds."""
+        busy = self.busy_gpus
+        return [d for d in self._devices if d.healthy and d.uuid not in busy]
+
     def never_fits(self, needs: Resources) -> str | None:
         """Why ``needs`` can never be met by this machine, or None if it could be once others finish."""
+        if needs not in self._never:
+            if len(self._never) >= _NEVER_CACHE_SIZE:
+                self._never.clear()
+            self._never[needs] = self._never_fits(needs)
+        return self._never[needs]
+
+    def _never_fits(self, needs: Resources) -> str | None:
         cap = self.capacity
-        if needs.gpus or needs.gpu_count:
-            return f"asks for {needs.gpus or needs.gpu_count} GPU(s); this runner has none"
+        gpu = gpu_need.why_never(gpu_need.gpu_need(needs), self._devices, self.inventory.note)
+        if gpu is not None:
+            return gpu
         if cores_for(needs) > cap.cores:
             return f"asks for {needs.cpus} cores; this runner offers {cap.cores}"
         if needs.ram > cap.ram:
@@ -72,18 +113,43 @@ class Allocator:
             counts.append((cap.ram - self.used_ram) // needs.ram)
         if needs.hdd:
             counts.append((cap.disk - self.used_disk) // needs.hdd)
-        return max(0, min(counts))
+        most = max(0, min(counts))
+        need = gpu_need.gpu_need(needs)
+        if need and most > 0:
+            most = gpu_need.how_many(need, self.free_gpus(), limit=most)
+        return most
 
     def try_allocate(self, needs: Resources) -> Allocation | None:
-        if self.how_many(needs) < 1:
+        """Everything ``needs`` asks for, or nothing."""
+        if self.never_fits(needs) is not None:
             return None
-        allocation = Allocation(next(self._ids), cores_for(needs), needs.ram, needs.hdd)
+        cap = self.capacity
+        cores = cores_for(needs)
+        if (
+            self.used_cores + cores > cap.cores
+            or self.used_ram + needs.ram > cap.ram
+            or self.used_disk + needs.hdd > cap.disk
+        ):
+            return None
+        devices = gpu_need.choose(gpu_need.gpu_need(needs), self.free_gpus())
+        if devices is None:
+            return None
+        allocation = Allocation(next(self._ids), cores, needs.ram, needs.hdd, tuple(d.uuid for d in devices))
         self._live[allocation.id] = allocation
         self._notify()
         return allocation
 
     def release(self, allocation: Allocation) -> None:
         if self._live.pop(allocation.id, None) is not None:
+            self._notify()
+
+    def set_gpu_faults(self, faults: Mapping[str, str]) -> None:
+        """Record the current fault of each card (by card UUID; "" = healthy). A faulty device is given to no new
+        experiment; the ones that hold it keep it until they finish."""
+        updated = with_faults(self._devices, faults)
+        if updated != self._devices:
+            self._devices = updated
+            self._never.clear()
             self._notify()
 
     async def wait_for_change(self) -> None:

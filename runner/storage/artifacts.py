@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from runner.request import Artifact
 from runner.storage.archive import ArchiveError, compression_for_key, looks_like_tar, pack, unpack
-from runner.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError
+from runner.storage.base import BindsCredentials, ObjectInfo, ObjectNotFound, ObjectStore, StorageError
 from runner.storage.cache import ArtifactCache
 from runner.storage.file import local_storage_error, path_of
 
@@ -73,6 +73,13 @@ class ArtifactIO:
             raise StorageError(f"artifact '{artifact.label}' ({_shown(url)}): unsupported scheme '{scheme}'")
         return url
 
+    def _store_for(self, artifact: Artifact, url: str) -> ObjectStore:
+        """The store for ``url``, carrying the artifact's own credentials when the store takes any."""
+        store = self._stores[urlsplit(url).scheme.lower()]
+        if isinstance(store, BindsCredentials):
+            return store.with_credentials(artifact.aws)
+        return store
+
     async def fetch(self, artifact: Artifact, label_dir: Path) -> int:
         """Stage an artifact into ``label_dir`` and return the bytes placed there.
 
@@ -80,7 +87,7 @@ class ArtifactIO:
         object is copied to ``label_dir/<basename of its key>``.
         """
         url = self.location(artifact)
-        store = self._stores[urlsplit(url).scheme.lower()]
+        store = self._store_for(artifact, url)
         # Only immutable inputs are shared between experiments; a mutable one is this experiment's own state.
         cached = self._cache if not artifact.mutable else None
         with _context(artifact, url):
@@ -107,7 +114,7 @@ class ArtifactIO:
         clients read the object and expect it to exist.
         """
         url = self.location(artifact)
-        store = self._stores[urlsplit(url).scheme.lower()]
+        store = self._store_for(artifact, url)
         with _context(artifact, url):
             key = _key_path(artifact, url)
             if not looks_like_tar(key):
@@ -132,7 +139,7 @@ class ArtifactIO:
         """
         try:
             url = self.location(artifact)
-            store = self._stores[urlsplit(url).scheme.lower()]
+            store = self._store_for(artifact, url)
             with _context(artifact, url):
                 async with _scratch_dir(scratch) as work:
                     document = await self._status_document(store, url, _key_path(artifact, url), work)

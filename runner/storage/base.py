@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from runner.request import AwsCredentials
 
 
 class StorageError(Exception):
@@ -45,3 +48,14 @@ class ObjectStore(Protocol):
     async def upload(self, src: Path, url: str) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BindsCredentials(Protocol):
+    """A store whose requests can carry an artifact's own credentials (StudioML's ``credentials.aws``).
+
+    ArtifactIO transfers each artifact through ``store.with_credentials(artifact.aws)`` when the store offers it;
+    ``None`` means the artifact carries none. Stores without credentials (``file://``) simply do not implement it.
+    """
+
+    def with_credentials(self, credentials: AwsCredentials | None) -> ObjectStore: ...

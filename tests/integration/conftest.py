@@ -116,7 +116,9 @@ class Sandbox:
         return self.root / "storage"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+        # AWS_* from the developer's shell would point runners at real AWS (AWS_REGION turns SQS on): tests that
+        # want AWS pass their own, aimed at a local server.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_", "AWS_"))}
         env.update(
             QUEUE_ROOT=str(self.queue_root),
             STORAGE_ROOT=str(self.storage_root),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from runner.config import load_settings
@@ -17,6 +18,14 @@ from runner.queues.local import LocalBroker
 from runner.queues.matcher import QueueMatcher
 from runner.service import Runner
 from tests.integration.conftest import Sandbox, read_member, wait_until
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def workspace_blob(sandbox: Sandbox) -> Path:
@@ -147,11 +156,9 @@ async def test_the_same_experiment_delivered_twice_never_runs_twice_at_once(sand
             files = sandbox.queue_files()
             return len(runner.status()["running"]) == 1 and len(files) == 1 and files[0].endswith(".attempt-2")
 
-        while not one_running_one_requeued():
-            await asyncio.sleep(0.02)
+        await until(one_running_one_requeued, "one copy running and the other requeued")
         assert runner.metrics.requeues.labels("local_default", "duplicate")._value.get() == 1
-        while "end" not in (marker.read_text() if marker.exists() else ""):
-            await asyncio.sleep(0.05)
+        await until(lambda: "end" in (marker.read_text() if marker.exists() else ""), "the run to end")
     finally:
         stop.set()
         await asyncio.wait_for(serving, 30)

@@ -1,27 +1,26 @@
-"""Python environments: choosing the interpreter, cleaning requirement lists, and the cache of built venvs.
+"""Python environments: choosing the interpreter, and building environments with uv (or pip) through the cache.
 
-The cache tests build real environments with uv (and one with pip) and install ``six`` from the package index.
+The build tests install ``six`` and other small wheels from the package index into real virtualenvs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from runner.execution.interpreters import InterpreterSearch
 from runner.execution.pythonenv import (
+    COMPLETE_MARKER,
     EnvBuildError,
     EnvCache,
     Interpreter,
-    environment_key,
     find_interpreter,
-    normalise_requirements,
     resolve_interpreter,
 )
 
@@ -36,6 +35,10 @@ def fake_binary(path: Path) -> Path:
     path.write_bytes(b"\x7fELF fake interpreter")
     path.chmod(0o755)
     return path
+
+
+def where(pyenv_root: Path, search_path: str, uv_pythons: Path | None = None) -> InterpreterSearch:
+    return InterpreterSearch(pyenv_root, uv_pythons or pyenv_root / "no-uv-pythons", search_path)
 
 
 @pytest.fixture
@@ -54,6 +57,17 @@ def pyenv_root(tmp_path: Path) -> Path:
     shim.chmod(0o755)
     (root / "versions" / "3.8.99" / "bin").mkdir(parents=True)
     (root / "versions" / "3.8.99" / "bin" / "python3.8").symlink_to(shim)
+    return root
+
+
+@pytest.fixture
+def uv_pythons(tmp_path: Path) -> Path:
+    """What ``uv python install 3.10 3.12`` leaves, plus builds that are not plain CPython."""
+    root = tmp_path / "uv-python"
+    fake_binary(root / "cpython-3.10.16-linux-x86_64-gnu" / "bin" / "python3.10")
+    fake_binary(root / "cpython-3.12.8-linux-x86_64-gnu" / "bin" / "python3.12")
+    fake_binary(root / "cpython-3.13.1+freethreaded-linux-x86_64-gnu" / "bin" / "python3.13t")
+    fake_binary(root / "pypy-3.10.14-linux-x86_64-gnu" / "bin" / "python3.10")
     return root
 
 
@@ -80,32 +94,32 @@ def test_the_runners_own_major_minor_resolves_to_a_real_binary_of_that_version()
 
 
 def test_the_highest_pyenv_patch_release_matching_the_prefix_wins(pyenv_root: Path, empty_path: str) -> None:
-    found = find_interpreter("3.10", pyenv_root=pyenv_root, search_path=empty_path)
+    found = find_interpreter("3.10", search=where(pyenv_root, empty_path))
     assert found == Interpreter(pyenv_root / "versions" / "3.10.11" / "bin" / "python3.10", "3.10.11")
 
 
 def test_a_full_version_picks_exactly_that_release(pyenv_root: Path, empty_path: str) -> None:
-    found = resolve_interpreter("3.10.9", pyenv_root=pyenv_root, search_path=empty_path)
+    found = find_interpreter("3.10.9", search=where(pyenv_root, empty_path)).path
     assert found == pyenv_root / "versions" / "3.10.9" / "bin" / "python3.10"
 
 
 def test_a_version_prefix_matches_whole_numbers_only(pyenv_root: Path, empty_path: str) -> None:
     with pytest.raises(EnvBuildError, match=r"no Python 3\.1 on this runner"):
-        resolve_interpreter("3.1", pyenv_root=pyenv_root, search_path=empty_path)
+        find_interpreter("3.1", search=where(pyenv_root, empty_path))
 
 
 def test_an_unknown_version_is_a_permanent_error_that_lists_what_exists(pyenv_root: Path, empty_path: str) -> None:
     with pytest.raises(EnvBuildError) as caught:
-        resolve_interpreter("3.7.1", pyenv_root=pyenv_root, search_path=empty_path)
+        find_interpreter("3.7.1", search=where(pyenv_root, empty_path))
     assert caught.value.retryable is False
     assert str(caught.value) == (
         f"no Python 3.7.1 on this runner; available: 2.7.18, 3.9.1, 3.10.2, 3.10.9, 3.10.11, {CURRENT_FULL}"
     )
 
 
-def test_pyenv_shims_are_never_used(pyenv_root: Path, tmp_path: Path) -> None:
+def test_pyenv_shims_are_never_used(pyenv_root: Path) -> None:
     with pytest.raises(EnvBuildError):
-        resolve_interpreter("3.8", pyenv_root=pyenv_root, search_path=str(pyenv_root / "shims"))
+        find_interpreter("3.8", search=where(pyenv_root, str(pyenv_root / "shims")))
 
 
 def test_python_on_path_is_used_when_pyenv_has_no_match(pyenv_root: Path, tmp_path: Path) -> None:
@@ -113,9 +127,9 @@ def test_python_on_path_is_used_when_pyenv_has_no_match(pyenv_root: Path, tmp_pa
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python3.6").symlink_to(real)
     search_path = str(tmp_path / "bin")
-    assert find_interpreter("3.6", pyenv_root=pyenv_root, search_path=search_path) == Interpreter(real, "3.6")
+    assert find_interpreter("3.6", search=where(pyenv_root, search_path)) == Interpreter(real, "3.6")
     with pytest.raises(EnvBuildError, match=r"available: 2\.7\.18, 3\.6, 3\.9\.1"):
-        resolve_interpreter("3.6.15", pyenv_root=pyenv_root, search_path=search_path)  # its patch level is unknown
+        find_interpreter("3.6.15", search=where(pyenv_root, search_path))  # its patch level is unknown
 
 
 def test_a_real_pyenv_version_other_than_the_runners_resolves_and_runs() -> None:
@@ -140,63 +154,32 @@ def test_a_pythonver_that_is_not_a_version_is_a_permanent_error() -> None:
     assert caught.value.retryable is False
 
 
-# --- requirements ---------------------------------------------------------------------------------------------
+def test_interpreters_installed_by_uv_are_candidates_too(pyenv_root: Path, uv_pythons: Path, empty_path: str) -> None:
+    search = where(pyenv_root, empty_path, uv_pythons)
+    assert find_interpreter("3.10", search=search) == Interpreter(
+        uv_pythons / "cpython-3.10.16-linux-x86_64-gnu" / "bin" / "python3.10", "3.10.16"
+    )
+    found = find_interpreter("3.12.8", search=search)
+    assert found.path == uv_pythons / "cpython-3.12.8-linux-x86_64-gnu" / "bin" / "python3.12"
+    with pytest.raises(EnvBuildError) as caught:
+        find_interpreter("3.13", search=search)  # only a free-threaded build, which is not the same ABI
+    assert "3.10.16" in str(caught.value) and "3.12.8" in str(caught.value) and "3.13.1" not in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    ("line", "kept", "warned"),
-    [
-        ("six==1.16.0", ["six==1.16.0"], False),
-        ("six==1.16.0   # pinned for py2", ["six==1.16.0"], False),
-        ("# just a comment", [], False),
-        ("   ", [], False),
-        ("pkg-resources==0.0.0", [], False),
-        ("pkg_resources==0.0.0", [], False),
-        ("numpy==1.26.4; python_version >= '3.9'", ["numpy==1.26.4; python_version >= '3.9'"], False),
-        ("git+https://github.com/org/repo.git@v1#egg=repo", ["git+https://github.com/org/repo.git@v1#egg=repo"], False),
-        ("--extra-index-url https://example.org/simple", ["--extra-index-url https://example.org/simple"], False),
-        ("-e /home/alice/src/mypkg", [], True),
-        ("--editable=/home/alice/src/mypkg", [], True),
-        ("-e git+https://github.com/org/repo@abc#egg=repo", ["git+https://github.com/org/repo@abc#egg=repo"], True),
-        ("mypkg @ file:///home/alice/dist/mypkg-1.0-py3-none-any.whl", [], True),
-        ("file:///home/alice/dist/mypkg-1.0.tar.gz", [], True),
-        ("/home/alice/dist/mypkg-1.0.tar.gz", [], True),
-        ("./vendor/mypkg", [], True),
-        ("-r /home/alice/requirements-dev.txt", [], True),
-        ("${PKG}==${VERSION}", ["torch==2.1.0"], False),
-        ("${NOT_SET}-pkg", ["${NOT_SET}-pkg"], True),
-    ],
-)
-def test_requirement_normalisation(line: str, kept: list[str], warned: bool) -> None:
-    requirements, warnings = normalise_requirements([line], [], {"PKG": "torch", "VERSION": "2.1.0"})
-    assert requirements == kept
-    assert len(warnings) == int(warned)
+# --- builds -----------------------------------------------------------------------------------------------------
 
 
-def test_references_to_files_that_exist_on_this_runner_are_kept(tmp_path: Path) -> None:
-    wheel = tmp_path / "mypkg-1.0-py3-none-any.whl"
-    wheel.write_bytes(b"")
-    lines = [f"mypkg @ {wheel.as_uri()}", str(wheel), f"${{WHEELS}}/{wheel.name}"]
-    requirements, warnings = normalise_requirements(lines, [], {"WHEELS": str(tmp_path)})
-    assert requirements == [f"mypkg @ {wheel.as_uri()}", str(wheel), str(wheel)]
-    assert warnings == []
+@pytest.fixture(scope="session")
+def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uv cache for the session (on the same filesystem as the environments, as in production)."""
+    path = tmp_path_factory.getbasetemp() / "uv-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
-def test_order_is_kept_and_config_pip_comes_after_pythonenv() -> None:
-    requirements, _ = normalise_requirements(["b==1\nc==2", "a==3"], ["z==1", "y==2"], {})
-    assert requirements == ["b==1", "c==2", "a==3", "z==1", "y==2"]
-
-
-def test_the_key_depends_on_interpreter_and_requirement_lines_in_order() -> None:
-    python = Interpreter(Path("/usr/bin/python3.11"), "3.11.7")
-    key = environment_key(python, ["a==1", "b==2"])
-    assert key == environment_key(python, ["a==1", "b==2"])
-    assert key != environment_key(python, ["b==2", "a==1"])
-    assert key != environment_key(Interpreter(Path("/usr/bin/python3.11"), "3.11.8"), ["a==1", "b==2"])
-    assert key != environment_key(Interpreter(Path("/opt/python3.11"), "3.11.7"), ["a==1", "b==2"])
-
-
-# --- the cache ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cache(tmp_path: Path, uv_cache: Path) -> EnvCache:
+    return EnvCache(tmp_path / "envs", uv_cache=uv_cache)
 
 
 async def run_program(*argv: str | Path) -> str:
@@ -210,99 +193,85 @@ async def run_python(python: Path, code: str) -> str:
     return await run_program(python, "-c", code)
 
 
-def cache_entries(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name != ".locks")
+def entries(root: Path) -> list[str]:
+    """What the cache directory holds besides its bookkeeping (and uv's cache)."""
+    return sorted(p.name for p in root.iterdir() if p.name not in (".locks", ".keys", ".uv-cache"))
 
 
-@pytest.fixture
-def no_subprocesses(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a cache hit must not start a process")
-
-    monkeypatch.setattr(asyncio.get_running_loop(), "subprocess_exec", refuse)
-    monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
-    monkeypatch.setattr(subprocess, "Popen", refuse)
-    yield
+def marker(cache: EnvCache, key: str) -> dict[str, object]:
+    loaded: dict[str, object] = json.loads((cache.root / key / COMPLETE_MARKER).read_text())
+    return loaded
 
 
-async def test_a_miss_builds_a_venv_where_the_requirements_import(tmp_path: Path) -> None:
-    cache = EnvCache(tmp_path / "envs")
+async def test_a_miss_builds_a_venv_where_the_requirements_and_pip_import(cache: EnvCache, tmp_path: Path) -> None:
     env = await cache.ensure("", ["six==1.16.0"], tmp_path / "outputPEnv")
-    assert env.root == tmp_path / "envs" / env.key
+    assert env.root == cache.root / env.key
     assert env.python == env.bin_dir / "python"
     assert await run_python(env.python, "import six, sys; print(six.__version__, sys.prefix)") == f"1.16.0 {env.root}"
-    assert str(env.root) in await run_program(
-        env.bin_dir / "pip", "--version"
-    )  # scripts still work after the build directory was renamed
-    assert cache_entries(tmp_path / "envs") == [env.key]
+    # pip is there for experiments that call it, and its script works after the build directory was renamed.
+    assert str(env.root) in await run_program(env.bin_dir / "pip", "--version")
+    assert entries(cache.root) == [env.key]
     log = (tmp_path / "outputPEnv").read_text()
-    assert f"building python environment {env.key} with uv" in log
-    assert "six==1.16.0" in log
+    assert "[runner] building python environment with uv: Python" in log
+    assert "[runner]   six==1.16.0" in log
+    assert f"[runner] python environment {env.key} ready after" in log
+    installed = marker(cache, env.key)["installed"]
+    assert isinstance(installed, list) and len(installed) == 2
+    assert installed[0].startswith("pip==") and installed[1] == "six==1.16.0"
 
 
-async def test_a_second_ensure_is_a_fast_hit_without_any_process(
-    tmp_path: Path, request: pytest.FixtureRequest
+async def test_a_freeze_is_installed_without_resolution_and_checked(cache: EnvCache, tmp_path: Path) -> None:
+    log = tmp_path / "outputPEnv"
+    env = await cache.ensure("", ["six==1.16.0", "pip==24.0"], log)
+    assert marker(cache, env.key)["installed"] == ["pip==24.0", "six==1.16.0"]
+    text = log.read_text()
+    assert "All installed packages are compatible" in text  # uv pip check ran
+    assert "installing again with resolution" not in text
+
+
+async def test_pins_that_miss_a_dependency_are_installed_again_with_resolution(cache: EnvCache, tmp_path: Path) -> None:
+    log = tmp_path / "outputPEnv"
+    env = await cache.ensure("", ["python-dateutil==2.9.0.post0"], log)  # needs six, which is not listed
+    assert await run_python(env.python, "import dateutil, six; print(dateutil.__version__)") == "2.9.0.post0"
+    assert "[runner] 1 dependencies are not pinned; installing again with resolution" in log.read_text()
+
+
+async def test_an_unresolvable_requirement_is_permanent_and_leaves_nothing_cached(
+    cache: EnvCache, tmp_path: Path
 ) -> None:
-    cache = EnvCache(tmp_path / "envs")
-    first = await cache.ensure(CURRENT, ["six==1.16.0"], tmp_path / "build.log")
-    request.getfixturevalue("no_subprocesses")
-    started = time.perf_counter()
-    for _ in range(50):
-        again = await cache.ensure(CURRENT, ["six==1.16.0"], tmp_path / "hit.log")
-    per_call = (time.perf_counter() - started) / 50
-    assert again == first
-    assert per_call < 0.005
-    assert not (tmp_path / "hit.log").exists()
-
-
-async def test_concurrent_ensures_of_one_environment_build_it_once(tmp_path: Path) -> None:
-    cache = EnvCache(tmp_path / "envs")
-    logs = [tmp_path / f"log{i}" for i in range(3)]
-    envs = await asyncio.gather(*(cache.ensure("", ["six==1.16.0"], log) for log in logs))
-    assert len({env.key for env in envs}) == 1
-    builds = [log for log in logs if log.exists() and "[runner] building python environment" in log.read_text()]
-    assert len(builds) == 1
-    assert cache_entries(tmp_path / "envs") == [envs[0].key]
-
-
-async def test_two_caches_sharing_a_directory_build_once(tmp_path: Path) -> None:
-    first, second = EnvCache(tmp_path / "envs"), EnvCache(tmp_path / "envs")  # as two runner processes would
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    await asyncio.gather(first.ensure("", ["six==1.16.0"], logs[0]), second.ensure("", ["six==1.16.0"], logs[1]))
-    texts = sorted(log.read_text() for log in logs)
-    assert sum("[runner] building python environment" in text for text in texts) == 1
-    assert "waiting for another process building python environment" in texts[1]
-
-
-async def test_an_unresolvable_requirement_is_permanent_and_leaves_nothing_cached(tmp_path: Path) -> None:
-    cache = EnvCache(tmp_path / "envs")
     log = tmp_path / "outputPEnv"
     with pytest.raises(EnvBuildError) as caught:
         await cache.ensure("", ["this-package-does-not-exist-xyz==1.0"], log)
     assert caught.value.retryable is False
     assert caught.value.log_path == log
     assert "this-package-does-not-exist-xyz" in str(caught.value)
-    assert cache_entries(tmp_path / "envs") == []
+    assert "this-package-does-not-exist-xyz" in log.read_text()
+    assert entries(cache.root) == []
+
+
+async def test_a_malformed_requirement_is_permanent(cache: EnvCache, tmp_path: Path) -> None:
+    with pytest.raises(EnvBuildError) as caught:
+        await cache.ensure("", ["six=>1.0"], tmp_path / "outputPEnv")
+    assert caught.value.retryable is False
+    assert entries(cache.root) == []
 
 
 async def test_an_unreachable_index_is_a_retryable_error(tmp_path: Path) -> None:
     runner_env = {**os.environ, "UV_INDEX_URL": "http://127.0.0.1:9/simple", "UV_HTTP_RETRIES": "0"}
-    cache = EnvCache(tmp_path / "envs", runner_env=runner_env)
+    cache = EnvCache(tmp_path / "envs", runner_env=runner_env, uv_cache=tmp_path / "empty-uv-cache")
     with pytest.raises(EnvBuildError) as caught:
         await cache.ensure("", ["some-package-nobody-has-cached==0.1"], tmp_path / "outputPEnv")
     assert caught.value.retryable is True
-    assert cache_entries(tmp_path / "envs") == []
+    assert entries(cache.root) == []
 
 
-async def test_an_environment_without_requirements_builds(tmp_path: Path) -> None:
-    cache = EnvCache(tmp_path / "envs")
+async def test_an_environment_without_requirements_builds(cache: EnvCache, tmp_path: Path) -> None:
     env = await cache.ensure("", [], tmp_path / "outputPEnv")
-    assert await run_python(env.python, "import sys; print(sys.prefix != sys.base_prefix)") == "True"
+    assert await run_python(env.python, "import sys, pip; print(sys.prefix != sys.base_prefix)") == "True"
     assert cache.is_complete(env.key)
 
 
-async def test_an_unknown_python_fails_before_building_and_says_so_in_the_log(tmp_path: Path) -> None:
-    cache = EnvCache(tmp_path / "envs")
+async def test_an_unknown_python_fails_before_building_and_says_so_in_the_log(cache: EnvCache, tmp_path: Path) -> None:
     log = tmp_path / "outputPEnv"
     with pytest.raises(EnvBuildError, match=r"no Python 1\.0 on this runner; available: ") as caught:
         await cache.ensure("1.0", ["six==1.16.0"], log)
@@ -310,28 +279,37 @@ async def test_an_unknown_python_fails_before_building_and_says_so_in_the_log(tm
     assert "no Python 1.0 on this runner" in log.read_text()
 
 
-async def test_a_cancelled_build_leaves_nothing_behind(tmp_path: Path) -> None:
-    cache = EnvCache(tmp_path / "envs")
+async def test_a_cancelled_build_leaves_nothing_behind(cache: EnvCache, tmp_path: Path) -> None:
     task = asyncio.create_task(cache.ensure("", ["six==1.16.0"], tmp_path / "outputPEnv"))
     await asyncio.sleep(0.15)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert cache_entries(tmp_path / "envs") == []
+    assert entries(cache.root) == []
 
 
 async def test_without_uv_the_environment_is_built_with_venv_and_pip(tmp_path: Path) -> None:
     cache = EnvCache(tmp_path / "envs", use_uv=False)
     assert cache.uv is None
-    env = await cache.ensure("", ["six==1.16.0"], tmp_path / "outputPEnv")
-    assert await run_python(env.python, "import six; print(six.__version__)") == "1.16.0"
-    assert str(env.root) in await run_program(
-        env.bin_dir / "pip", "--version"
-    )  # pip's absolute shebangs point at the final directory
+    async with cache.use("", ["six==1.16.0"], tmp_path / "outputPEnv", overlay=tmp_path / "overlay") as env:
+        shared = cache.entry(env.key)
+        assert await run_python(shared.python, "import six; print(six.__version__)") == "1.16.0"
+        # pip's absolute shebangs point at the final directory
+        assert str(shared.root) in await run_program(shared.bin_dir / "pip", "--version")
+        assert (
+            await run_python(env.python, "import six, sys; print(six.__version__, sys.prefix)") == f"1.16.0 {env.root}"
+        )
     assert "with pip" in (tmp_path / "outputPEnv").read_text()
+    assert "six==1.16.0" in str(marker(cache, env.key)["installed"])
 
 
 def test_the_uv_binary_comes_from_the_uv_package() -> None:
     import uv
 
     assert EnvCache(Path("/nonexistent")).uv == Path(uv.find_uv_bin())
+
+
+def test_uv_s_cache_lives_in_the_env_cache_unless_the_runner_sets_uv_cache_dir(tmp_path: Path) -> None:
+    assert EnvCache(tmp_path, runner_env={}).uv_cache == tmp_path / ".uv-cache"
+    configured = EnvCache(tmp_path, runner_env={"UV_CACHE_DIR": "/var/cache/uv"})
+    assert configured.uv_cache == Path("/var/cache/uv")

@@ -1,0 +1,176 @@
+"""RabbitMQ dispatch latency and throughput, against the local queue measured in the same run.
+
+Starts a private RabbitMQ node (as the tests do: own directory, loopback ports) and one real ``python -m runner``
+serving both a local queue and a RabbitMQ queue, with a warm Python environment. Measures:
+
+- **baseline**: publish → first line of a trivial script through the local directory queue (median);
+- **latency**: publish → first line through RabbitMQ, one experiment at a time into an idle runner (median, p95
+  over ``--count`` experiments). Target: median at most 50 ms above the baseline;
+- **throughput**: ``--burst`` trivial experiments published at once on RabbitMQ, with ``--slots`` experiment slots
+  (capped by this machine's cores: every experiment occupies at least one). Target: at least 5 experiments/s.
+
+Usage: ``python bench/rabbitmq.py`` (needs Debian's rabbitmq-server package, like the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiormq
+from dispatch import QUEUE as LOCAL_QUEUE
+from dispatch import Bench, free_port, percentile, report
+
+from runner.queues.rabbitmq import EXCHANGE, ROUTING_PREFIX, publish_request, request_properties
+
+# The private node helper lives with the tests; the repository root is not on sys.path when a script runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.integration.rabbitmq.node import RabbitNode
+
+RMQ_QUEUE = "rmq_bench"
+TARGET_EXTRA_S = 0.050
+TARGET_RATE = 5.0
+
+
+class RabbitBench(Bench):
+    def __init__(self, root: Path, node: RabbitNode) -> None:
+        super().__init__(root)
+        self.node = node
+        self.channel: aiormq.abc.AbstractChannel | None = None
+        self.published = 0
+
+    def start_runner(self, slots: int = 0) -> subprocess.Popen[bytes]:
+        port = free_port()
+        env = dict(
+            os.environ,
+            QUEUE_ROOT=str(self.queue_root),
+            WORKING_DIR=str(self.root / "work"),
+            CACHE_DIR=str(self.root / "cache"),
+            ENV_CACHE_DIR=str(self.root / "envs"),
+            QUEUE_MATCH=f"^({LOCAL_QUEUE}|{RMQ_QUEUE})$",
+            AMQP_URL=self.node.amqp_url(),
+            AMQP_MGT_URL=self.node.management_url,
+            AMQP_DISCOVER_INTERVAL="200ms",
+            CPU_ONLY="true",
+            LOG_FORMAT="json",
+        )
+        if slots:
+            env["MAX_CORES"] = str(slots)
+        log = (self.root / "runner.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", "--prom-address", f"127.0.0.1:{port}"], env=env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                    return proc
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("runner did not start; see runner.log")
+
+    async def connect(self) -> None:
+        conn = await aiormq.connect(self.node.amqp_url())
+        # The first request declares and binds the queue exactly as the StudioML client does.
+        await publish_request(conn, RMQ_QUEUE, self.request("rmq-declare"))
+        self.channel = await conn.channel(publisher_confirms=True)
+
+    async def publish_rmq(self, key: str) -> float:
+        """Publish one request (persistent, confirmed, as the client does); when the publish started."""
+        assert self.channel is not None
+        body = self.request(key)
+        t = time.time()
+        await self.channel.basic_publish(
+            body,
+            exchange=EXCHANGE,
+            routing_key=ROUTING_PREFIX + RMQ_QUEUE,
+            properties=request_properties(f"m{self.published}"),
+            mandatory=True,
+        )
+        self.published += 1
+        return t
+
+
+async def latencies(bench: RabbitBench, count: int, *, rabbit: bool) -> list[float]:
+    found = []
+    for i in range(count):
+        key = f"{'rmq' if rabbit else 'local'}-lat-{i}"
+        t0 = await (bench.publish_rmq(key) if rabbit else bench.publish(key))
+        await bench.wait_for([key])
+        found.append(bench.started()[key] - t0)
+    return found
+
+
+async def throughput(bench: RabbitBench, burst: int) -> float:
+    keys = [f"rmq-burst-{i}" for i in range(burst)]
+    t0 = time.time()
+    for key in keys:
+        await bench.publish_rmq(key)
+    await bench.wait_for(keys, timeout=300)
+    return burst / (time.time() - t0)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    slots = min(args.slots, os.cpu_count() or 1)
+    node = RabbitNode(consumer_timeout_ms=1_800_000, tick_ms=60_000)
+    node.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-rabbitmq-") as tmp:
+            bench = RabbitBench(Path(tmp), node)
+            runner = bench.start_runner(slots)
+            try:
+                await bench.connect()
+                await bench.publish("warm-up")  # builds the Python environment once
+                await bench.wait_for(["warm-up", "rmq-declare"], timeout=300)
+                local = await latencies(bench, args.count, rabbit=False)
+                rmq = await latencies(bench, args.count, rabbit=True)
+                rate = await throughput(bench, args.burst)
+            finally:
+                runner.terminate()
+                runner.wait(60)
+    finally:
+        node.close()
+    local_median = statistics.median(local)
+    rmq_median, rmq_p95 = statistics.median(rmq), percentile(rmq, 0.95)
+    extra = rmq_median - local_median
+    print(
+        f"RabbitMQ dispatch: {args.count} experiments one at a time, burst of {args.burst} with {slots} slots, "
+        f"{os.cpu_count()} cores"
+    )
+    report("baseline: local queue, median", f"{local_median * 1000:.1f} ms", "-", True, "(same runner, same run)")
+    report(
+        "publish → first line, median",
+        f"{rmq_median * 1000:.1f} ms",
+        f"≤ +{TARGET_EXTRA_S * 1000:.0f} ms",
+        extra <= TARGET_EXTRA_S,
+        f"{extra * 1000:+.1f} ms vs the local queue ({rmq_median / local_median:.2f}×); studio-go-runner 14.4 s",
+    )
+    report("publish → first line, p95", f"{rmq_p95 * 1000:.1f} ms", "-", True)
+    report(
+        f"trivial experiments per second, {slots} slots",
+        f"{rate:.1f} /s",
+        f"≥ {TARGET_RATE:.0f} /s",
+        rate >= TARGET_RATE,
+        "studio-go-runner 0.047 /s (2.8 per minute)",
+    )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=50, help="experiments for the latency figures (≥ 50)")
+    parser.add_argument("--burst", type=int, default=40, help="experiments published at once for throughput")
+    parser.add_argument("--slots", type=int, default=4, help="experiment slots for throughput (capped by cores)")
+    return asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1324 @@
+"""RabbitMQ queues, wire-compatible with the StudioML client and studio-go-runner (docs/rabbitmq.md).
+
+Wire format (what clients do, kept as is): a durable topic exchange ``StudioML.topic`` (auto-delete); each work queue
+is a durable queue bound to it with routing key ``StudioML.<queue>``; requests are persistent JSON messages
+(``content_type`` application/json, ``app_id`` studioml). Queues are discovered through the management HTTP API:
+the bindings of ``StudioML.topic`` whose routing key starts with ``StudioML.``, filtered by the queue matcher.
+
+Taking a message (capacity-gated): one consumer per queue with ``basic.qos`` prefetch 1, active only while the
+service's Credit says an experiment of that queue could start now. A message is acknowledged on its work queue only
+after the service admitted it, and the consumer is cancelled *before* that acknowledgement when no capacity is left,
+so the broker never pushes a message this runner could not start.
+
+Holding a message for hours (the durable hand-off): RabbitMQ closes a channel whose delivery stays unacknowledged
+longer than ``consumer_timeout`` (30 minutes by default), which would hand a running experiment to another runner.
+So a taken message is not held on a channel: it is first copied, persistent and publisher-confirmed, into a queue of
+its own, ``studio-runner.held.<runner>.<request>.<nonce>``, and only then acknowledged on its work queue. Settling the
+experiment takes the copy back out of that queue (``basic.get``) and deletes the queue: ack drops the copy, requeue
+republishes it to the work queue (or to a delay queue), dead-letter publishes it to ``<queue>_dead`` with the reason
+in headers. Whoever gets the copy out of a held queue decides its fate, so it is settled exactly once.
+
+A runner that dies leaves its held queues behind. Each runner declares an exclusive queue
+``studio-runner.alive.<runner>`` on every connection; the broker deletes it when that connection ends. Every runner
+sweeps for held queues whose owner has had no alive queue for ``orphan_grace`` seconds and returns their messages to
+their work queues (the interrupted delivery counts as an attempt).
+
+Attempts: the header ``x-studio-runner-deliveries`` counts the deliveries a message already had (set whenever this
+runner republishes it); quorum queues' ``x-delivery-count`` is also honoured. ``attempt`` = 1 + the larger of both.
+
+Connection: one AMQP connection per broker, re-established with backoff for as long as the broker is open. Running
+experiments do not depend on it; settlements wait for it (and are retried in the background if it stays away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import re
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Literal
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+import aiormq
+import aiormq.abc
+from aiormq import exceptions as amqp
+from pamqp import commands as spec
+
+from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.queues.matcher import QueueMatcher
+
+if TYPE_CHECKING:
+    from runner.queues.base import Broker, Delivery
+
+log = logging.getLogger("runner.queues.rabbitmq")
+
+BROKER_NAME: Final = "rabbitmq"
+EXCHANGE: Final = "StudioML.topic"
+ROUTING_PREFIX: Final = "StudioML."
+# Queues this runner creates for its own bookkeeping. They are never bound to StudioML.topic, so discovery (which
+# reads the exchange's bindings) never mistakes them for work queues, whatever --queue-match says.
+RESERVED_PREFIX: Final = "studio-runner."
+HELD_PREFIX: Final = RESERVED_PREFIX + "held."
+ALIVE_PREFIX: Final = RESERVED_PREFIX + "alive."
+DELAY_PREFIX: Final = RESERVED_PREFIX + "delay."
+DEAD_SUFFIX: Final = "_dead"
+
+DELIVERIES_HEADER: Final = "x-studio-runner-deliveries"  # deliveries the message already had
+QUEUE_HEADER: Final = "x-studio-runner-queue"  # the work queue a held or dead-lettered copy belongs to
+RUNNER_HEADER: Final = "x-studio-runner-runner"  # the runner that holds (or dead-lettered) the copy
+REASON_HEADER: Final = "x-studio-runner-reason"  # why a message was dead-lettered
+DEAD_AT_HEADER: Final = "x-studio-runner-dead-lettered-at"
+QUORUM_COUNT_HEADER: Final = "x-delivery-count"  # returns of this very message, kept by quorum queues
+
+_DEFAULT_PORTS: Final = {"amqp": 5672, "amqps": 5671}
+_MANAGEMENT_PORT_OFFSET: Final = 10000  # 5672 -> 15672, as studio-go-runner derives it
+_TLS_QUERY_KEYS: Final = ("cafile", "certfile", "keyfile", "no_verify_ssl")
+_CREDIT_CHECK_INTERVAL: Final = 0.5  # an idle consumer notices this often that capacity went elsewhere
+_OPERATION_TIMEOUT: Final = 30.0  # any single AMQP round trip; a blocked broker must not hang a settlement forever
+_REASON_LIMIT: Final = 2000
+_PAGE_SIZE: Final = 500
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ (AMQP or its management API) cannot be used right now; the message says why, without secrets."""
+
+
+# --- where the broker is ------------------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def expand_variables(text: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${VAR}`` and ``$VAR`` from ``environ``, as studio-go-runner's ``os.ExpandEnv`` does; an unset
+    variable is an error (a silently empty password makes for a confusing login failure)."""
+    missing: list[str] = []
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in environ:
+            missing.append(name)
+            return match.group(0)
+        return environ[name]
+
+    expanded = _VAR.sub(substitute, text.strip())
+    if missing:
+        raise ValueError(f"refers to ${missing[0]}, which is not set")
+    return expanded
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``****``; for logs and problem reports."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:****@{netloc[2]}").geturl()
+
+
+@dataclass(frozen=True)
+class AmqpEndpoint:
+    """A RabbitMQ server as this runner reaches it: AMQP URL, management API, credentials and virtual host."""
+
+    url: str  # the AMQP URL with credentials: give it to the AMQP client only, never log it
+    management_url: str  # management API base URL without credentials or trailing slash
+    user: str
+    password: str
+    vhost: str
+    host: str
+    port: int
+    tls_options: tuple[tuple[str, str], ...] = ()  # cafile/certfile/keyfile/no_verify_ssl from the AMQP URL query
+
+    def __repr__(self) -> str:
+        return f"AmqpEndpoint({self.shown!r}, management={self.management_url!r})"
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def project(self) -> str:
+        """The server and virtual host without credentials (studio-go-runner's project key)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}/{quote(self.vhost, safe='')}"
+
+    @property
+    def shown(self) -> str:
+        """How log lines name this server: user, host, port and virtual host; never the password."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{quote(self.user, safe='')}@{host}:{self.port}/{quote(self.vhost, safe='')}"
+
+    @classmethod
+    def parse(cls, amqp_url: str, management_url: str = "") -> AmqpEndpoint:
+        """Check ``amqp_url`` (and the optional ``management_url``) and derive what is missing as studio-go-runner
+        does: the management API is on the same host at the AMQP port + 10000, over https for amqps; credentials
+        in ``management_url`` replace those of ``amqp_url`` for both. No credentials at all means guest/guest.
+        Raises ValueError with a reason that never contains the password."""
+        try:
+            parts = urlsplit(amqp_url.strip())
+            port = parts.port
+        except ValueError:
+            raise ValueError("is not a URL with a valid host and port") from None
+        if parts.scheme not in _DEFAULT_PORTS:
+            raise ValueError("must start with amqp:// or amqps://")
+        if not parts.hostname:
+            raise ValueError("has no host")
+        host = parts.hostname
+        port = port or _DEFAULT_PORTS[parts.scheme]
+        user = unquote(parts.username) if parts.username else "guest"
+        password = unquote(parts.password) if parts.password is not None else ("guest" if not parts.username else "")
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        query = dict(_query_pairs(parts.query))
+        tls_options = tuple((k, query[k]) for k in _TLS_QUERY_KEYS if k in query)
+        if management_url.strip():
+            try:
+                mgt = urlsplit(management_url.strip())
+                mgt_port = mgt.port
+            except ValueError:
+                raise ValueError("management URL is not a URL with a valid host and port") from None
+            if mgt.scheme not in ("http", "https") or not mgt.hostname:
+                raise ValueError("management URL must be http:// or https:// with a host")
+            if mgt.username:
+                user = unquote(mgt.username)
+                password = unquote(mgt.password or "")
+            mgt_host = f"[{mgt.hostname}]" if ":" in mgt.hostname else mgt.hostname
+            base = f"{mgt.scheme}://{mgt_host}" + (f":{mgt_port}" if mgt_port else "") + mgt.path.rstrip("/")
+        else:
+            mgt_scheme = "https" if parts.scheme == "amqps" else "http"
+            bracketed = f"[{host}]" if ":" in host else host
+            base = f"{mgt_scheme}://{bracketed}:{port + _MANAGEMENT_PORT_OFFSET}"
+        bracketed = f"[{host}]" if ":" in host else host
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{bracketed}:{port}"
+        url = parts._replace(netloc=netloc).geturl()
+        return cls(url, base, user, password, vhost, host, port, tls_options)
+
+    def management_ssl(self) -> ssl.SSLContext | None:
+        """TLS settings for an https management API, from the same query options the AMQP URL gives for amqps."""
+        if not self.management_url.startswith("https:"):
+            return None
+        options = dict(self.tls_options)
+        context = ssl.create_default_context(cafile=options.get("cafile"))
+        if options.get("certfile"):
+            context.load_cert_chain(options["certfile"], options.get("keyfile"))
+        if options.get("no_verify_ssl", "0") not in ("", "0"):
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in query.split("&"):
+        if item:
+            key, _, value = item.partition("=")
+            pairs.append((unquote(key), unquote(value)))
+    return pairs
+
+
+def describe_connect_error(err: BaseException, endpoint: AmqpEndpoint) -> str:
+    """One readable sentence for an AMQP connection failure; never the password."""
+    if isinstance(err, amqp.ProbableAuthenticationError | amqp.AuthenticationError):
+        text = f"the login of user {endpoint.user!r} was refused ({err}); check the user and password of --amqp-url"
+    elif isinstance(err, amqp.InvalidFrameError) and "Connection.Close" in str(err):
+        text = (
+            f"the connection was closed while opening virtual host {endpoint.vhost!r}: it does not exist or user "
+            f"{endpoint.user!r} may not use it"
+        )
+    elif isinstance(err, TimeoutError):
+        text = "no answer in time"
+    elif isinstance(err, ssl.SSLError):
+        text = f"TLS failed: {err}"
+    elif isinstance(err, amqp.IncompatibleProtocolError):
+        text = "the server does not speak AMQP 0-9-1 (is this the management port?)"
+    elif isinstance(err, OSError):
+        text = f"cannot reach {endpoint.host}:{endpoint.port}: {err.strerror or err}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    if len(endpoint.password) >= 4 and endpoint.password != endpoint.user:
+        text = text.replace(endpoint.password, "****")  # in case a library echoes it
+    return text
+
+
+class _QuietConnectionTrouble(logging.Filter):
+    """aiormq logs every failed connection attempt, every lost connection (some with tracebacks) and every consumer
+    the broker cancels; the runner reports each of them once, in one readable line of its own."""
+
+    LOGGERS: Final = ("aiormq.connection", "aiormq.channel")
+    _REPORTED_BY_THE_LINK = (
+        "error when creating transport",
+        "Cancelling cause reader exited abnormally",
+        "Unexpected connection close from remote",
+        "Consumer %r cancelled by the broker",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self._REPORTED_BY_THE_LINK)
+
+
+# --- the management API -------------------------------------------------------------------------------------------
+
+
+class ManagementApi:
+    """The few calls of the RabbitMQ management HTTP API this runner needs: bindings and queue names."""
+
+    def __init__(self, endpoint: AmqpEndpoint, session: aiohttp.ClientSession) -> None:
+        self.endpoint = endpoint
+        self._session = session
+        token = base64.b64encode(f"{endpoint.user}:{endpoint.password}".encode()).decode("ascii")
+        self._headers = {"Authorization": f"Basic {token}"}
+        self._ssl = endpoint.management_ssl()
+        self._vhost = quote(endpoint.vhost, safe="")
+
+    async def _get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        url = f"{self.endpoint.management_url}{path}"
+        base = self.endpoint.management_url
+        try:
+            async with self._session.get(
+                url, params=params, headers=self._headers, ssl=self._ssl if self._ssl is not None else True
+            ) as response:
+                if response.status == 404:
+                    return None
+                if response.status == 401:
+                    raise BrokerUnavailable(
+                        f"the RabbitMQ management API at {base} refused the login of user {self.endpoint.user!r} "
+                        "(401); check the credentials of --amqp-url / --amqp-mgt-url"
+                    )
+                if response.status == 403:
+                    raise BrokerUnavailable(
+                        f"user {self.endpoint.user!r} may not read {path} from the RabbitMQ management API at {base} "
+                        "(403); it needs the 'monitoring' or 'management' tag and access to the virtual host"
+                    )
+                if response.status != 200:
+                    raise BrokerUnavailable(f"the RabbitMQ management API at {base} answered {response.status}")
+                return await response.json()
+        except aiohttp.ClientError as err:
+            raise BrokerUnavailable(f"cannot reach the RabbitMQ management API at {base}: {err}") from None
+        except TimeoutError:
+            raise BrokerUnavailable(f"the RabbitMQ management API at {base} did not answer in time") from None
+
+    async def bound_queues(self) -> list[str]:
+        """Queues bound to StudioML.topic with a ``StudioML.`` routing key, as clients bind work queues."""
+        bindings = await self._get(f"/api/exchanges/{self._vhost}/{quote(EXCHANGE, safe='')}/bindings/source")
+        names = {
+            b["destination"]
+            for b in bindings or []
+            if b.get("destination_type") == "queue" and str(b.get("routing_key", "")).startswith(ROUTING_PREFIX)
+        }
+        return sorted(names)
+
+    async def queue_names(self, prefix: str) -> list[str]:
+        """Names of this virtual host's queues that start with ``prefix``."""
+        names: list[str] = []
+        page = 1
+        while True:
+            params = {
+                "page": str(page),
+                "page_size": str(_PAGE_SIZE),
+                "name": "^" + re.escape(prefix),
+                "use_regex": "true",
+                "columns": "name",
+            }
+            body = await self._get(f"/api/queues/{self._vhost}", params)
+            if not body:
+                return names
+            names.extend(item["name"] for item in body.get("items", []) if item["name"].startswith(prefix))
+            if page >= int(body.get("page_count", 1)):
+                return names
+            page += 1
+
+
+# --- the connection -----------------------------------------------------------------------------------------------
+
+
+class _Link:
+    """One AMQP connection at a time, re-established with backoff while ``run`` runs.
+
+    Failures are logged once per kind (a changed reason is logged again, and a reminder every few minutes), so a
+    wrong password or a broker that is down gives one clear line, not one per retry."""
+
+    REMINDER_EVERY: Final = 300.0
+
+    def __init__(
+        self,
+        endpoint: AmqpEndpoint,
+        *,
+        connection_name: str,
+        connect_timeout: float,
+        on_connect: Callable[[aiormq.abc.AbstractConnection], Awaitable[None]],
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self._connection_name = connection_name
+        self._connect_timeout = connect_timeout
+        self._on_connect = on_connect
+        self._backoff_max = backoff_max
+        self._current: aiormq.abc.AbstractConnection | None = None
+        self._ready = asyncio.Event()
+        self.down_since: float | None = time.monotonic()  # None while connected
+
+    @property
+    def connected(self) -> bool:
+        return self._current is not None and not self._current.is_closed
+
+    async def connection(self) -> aiormq.abc.AbstractConnection:
+        """The live connection; waits while there is none."""
+        while True:
+            await self._ready.wait()
+            current = self._current
+            if current is not None and not current.is_closed:
+                return current
+            await asyncio.sleep(0.01)  # closed but not noticed by run() yet
+
+    async def run(self) -> None:
+        failures = 0
+        last_reason = ""
+        last_logged = 0.0
+        try:
+            while True:
+                try:
+                    conn = await self._connect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:
+                    failures += 1
+                    reason = describe_connect_error(err, self.endpoint)
+                    now = time.monotonic()
+                    if reason != last_reason or now - last_logged >= self.REMINDER_EVERY:
+                        log.warning(
+                            "cannot connect to RabbitMQ at %s: %s; retrying every few seconds",
+                            self.endpoint.shown,
+                            reason,
+                            extra={"broker": BROKER_NAME, "attempts": failures},
+                        )
+                        last_reason, last_logged = reason, now
+                    else:
+                        log.debug("still cannot connect to RabbitMQ: %s", reason, extra={"attempts": failures})
+                    await asyncio.sleep(min(self._backoff_max, 0.25 * 2 ** min(failures, 10)))
+                    continue
+                log.info(
+                    "connected to RabbitMQ at %s",
+                    self.endpoint.shown,
+                    extra={"broker": BROKER_NAME, "attempts": failures + 1},
+                )
+                failures, last_reason = 0, ""
+                self._current = conn
+                self.down_since = None
+                self._ready.set()
+                reason = await _closed(conn)
+                self._ready.clear()
+                self._current = None
+                self.down_since = time.monotonic()
+                log.warning(
+                    "lost the connection to RabbitMQ at %s (%s); reconnecting",
+                    self.endpoint.shown,
+                    reason,
+                    extra={"broker": BROKER_NAME},
+                )
+        finally:
+            self._ready.clear()
+            current, self._current = self._current, None
+            if current is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(current.close(), 5)
+
+    async def _connect(self) -> aiormq.abc.AbstractConnection:
+        conn: aiormq.abc.AbstractConnection = await asyncio.wait_for(
+            aiormq.connect(self.endpoint.url, client_properties={"connection_name": self._connection_name}),
+            self._connect_timeout,
+        )
+        try:
+            await asyncio.wait_for(self._on_connect(conn), self._connect_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
+            raise
+        return conn
+
+
+async def _closed(conn: aiormq.abc.AbstractConnection) -> str:
+    """Wait until ``conn`` closes; why it closed."""
+    closing = conn.closing
+    await asyncio.wait([closing])
+    if closing.cancelled():
+        return "closed"
+    err = closing.exception()
+    return f"{type(err).__name__}: {err}" if err is not None else "closed by the broker"
+
+
+@contextlib.asynccontextmanager
+async def _channel(
+    conn: aiormq.abc.AbstractConnection, *, confirms: bool = True
+) -> AsyncGenerator[aiormq.abc.AbstractChannel, None]:
+    """A short-lived channel; with ``confirms``, publishes wait for the broker and unroutable mandatory ones raise
+    PublishError."""
+    channel = await conn.channel(publisher_confirms=confirms, on_return_raises=confirms, timeout=_OPERATION_TIMEOUT)
+    try:
+        yield channel
+    finally:
+        if not channel.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)
+
+
+_CONNECTION_TROUBLE = (amqp.AMQPConnectionError, amqp.ChannelInvalidStateError, ConnectionError, TimeoutError)
+
+
+def _connection_trouble(err: Exception, conn: aiormq.abc.AbstractConnection | None) -> bool:
+    """Whether ``err`` means "the connection is (or was just) gone", as opposed to a refusal by the broker."""
+    return isinstance(err, _CONNECTION_TROUBLE) or (conn is not None and conn.is_closed)
+
+
+# --- message properties -------------------------------------------------------------------------------------------
+
+
+def prior_deliveries(headers: Mapping[str, Any] | None) -> int:
+    """How many times a message with these headers was delivered before: our republish counter, or the return
+    count quorum queues keep in ``x-delivery-count``, whichever is larger."""
+    headers = headers or {}
+    counts = [0]
+    for name in (DELIVERIES_HEADER, QUORUM_COUNT_HEADER):
+        value = headers.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            counts.append(value)
+    return max(counts)
+
+
+def _properties(
+    source: spec.Basic.Properties, *, headers: Mapping[str, Any], message_id: str | None = None
+) -> spec.Basic.Properties:
+    """A persistent copy of ``source`` with ``headers``. A per-message TTL (``expiration``) is dropped, or a held
+    copy could expire under a running experiment; ``user_id`` is dropped because the broker checks it against the
+    publishing connection's user."""
+    return spec.Basic.Properties(
+        content_type=source.content_type,
+        content_encoding=source.content_encoding,
+        headers=dict(headers),
+        delivery_mode=2,
+        priority=source.priority,
+        correlation_id=source.correlation_id,
+        reply_to=source.reply_to,
+        message_id=message_id or source.message_id,
+        timestamp=source.timestamp,
+        message_type=source.message_type,
+        app_id=source.app_id,
+    )
+
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def message_identity(message_id: str | None, body: bytes) -> str:
+    """What names a request across deliveries, requeues and held copies: its AMQP message id when it is short and
+    plain, else a digest of it, else (the StudioML client sets none) a digest of the body."""
+    if message_id and _SAFE_ID.fullmatch(message_id):
+        return message_id
+    source = message_id.encode() if message_id else body
+    return hashlib.sha256(source).hexdigest()[:32]
+
+
+def _bounded_name(name: str) -> str:
+    """``name`` if it fits AMQP's 255-byte limit, else its first 200 bytes' worth and a digest of the whole."""
+    if len(name.encode()) <= 255:
+        return name
+    return name.encode()[:200].decode(errors="ignore") + "." + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def _holder_and_identity(held: str) -> tuple[str, str]:
+    """(runner id, message identity) from a held queue's name, ``studio-runner.held.<runner>.<identity>.<nonce>``
+    (none of the three parts contains a dot)."""
+    parts = held.removeprefix(HELD_PREFIX).split(".")
+    return parts[0], parts[1] if len(parts) == 3 else ""
+
+
+def _without(headers: Mapping[str, Any] | None, *names: str) -> dict[str, Any]:
+    return {k: v for k, v in (headers or {}).items() if k not in names}
+
+
+def request_properties(message_id: str) -> spec.Basic.Properties:
+    """The properties the StudioML client publishes requests with (persistent JSON from app ``studioml``)."""
+    return spec.Basic.Properties(
+        content_type="application/json", app_id="studioml", delivery_mode=2, message_id=message_id
+    )
+
+
+async def publish_request(
+    conn: aiormq.abc.AbstractConnection, queue: str, body: bytes, *, timeout: float = _OPERATION_TIMEOUT
+) -> str:
+    """Publish an experiment request to ``queue`` as the StudioML client does: declare the exchange and the durable
+    queue when missing, bind the queue with ``StudioML.<queue>``, publish persistent and mandatory to the exchange
+    and wait for the broker's confirm. Returns the message id."""
+    if not queue or queue.startswith(RESERVED_PREFIX) or len(queue.encode()) > 255:
+        raise ValueError(f"queue {queue!r} cannot be a StudioML work queue")
+    routing_key = ROUTING_PREFIX + queue
+    # Passive looks first: an existing exchange or queue (a quorum queue, say) is used as it is, not re-declared.
+    if not await _exists(conn, "exchange", EXCHANGE):
+        async with _channel(conn) as channel:
+            await channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True, auto_delete=True)
+    if not await _exists(conn, "queue", queue):
+        async with _channel(conn) as channel:
+            await channel.queue_declare(queue, durable=True)
+    async with _channel(conn) as channel:
+        await channel.queue_bind(queue, EXCHANGE, routing_key=routing_key)
+        message_id = uuid.uuid4().hex
+        await channel.basic_publish(
+            body,
+            exchange=EXCHANGE,
+            routing_key=routing_key,
+            properties=request_properties(message_id),
+            mandatory=True,
+            timeout=timeout,
+        )
+    return message_id
+
+
+async def submit_request(url: str, queue: str, body: bytes, *, timeout: float = _OPERATION_TIMEOUT) -> str:
+    """Connect to ``url``, publish one request with ``publish_request`` and disconnect (``python -m runner
+    submit``). Raises BrokerUnavailable with a readable reason when the broker cannot be reached."""
+    endpoint = AmqpEndpoint.parse(url)
+    try:
+        conn = await asyncio.wait_for(aiormq.connect(endpoint.url), timeout)
+    except Exception as err:
+        reason = describe_connect_error(err, endpoint)
+        raise BrokerUnavailable(f"cannot connect to RabbitMQ at {endpoint.shown}: {reason}") from None
+    try:
+        return await publish_request(conn, queue, body, timeout=timeout)
+    except amqp.AMQPError as err:
+        raise BrokerUnavailable(f"RabbitMQ at {endpoint.shown} refused the request: {err}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 5)
+
+
+async def _exists(conn: aiormq.abc.AbstractConnection, kind: Literal["queue", "exchange"], name: str) -> bool:
+    """Whether queue or exchange ``name`` exists (a passive declare, on a channel of its own: a miss closes it)."""
+    try:
+        async with _channel(conn, confirms=False) as channel:
+            if kind == "queue":
+                await channel.queue_declare(name, passive=True)
+            else:
+                await channel.exchange_declare(name, passive=True)
+    except amqp.ChannelNotFoundEntity:
+        return False
+    except amqp.ChannelLockedResource:
+        return True  # an exclusive queue of another connection
+    return True
+
+
+# --- deliveries ---------------------------------------------------------------------------------------------------
+
+_Action = Literal["ack", "requeue", "dead_letter"]
+
+
+@dataclass(frozen=True)
+class _Settlement:
+    action: _Action
+    delay: float = 0.0
+    reason: str = ""
+
+
+class RabbitDelivery:
+    """One request taken from a work queue; its durable copy waits in a held queue until it is settled, once."""
+
+    def __init__(
+        self,
+        *,
+        broker: RabbitBroker,
+        queue: QueueRef,
+        body: bytes,
+        attempt: int,
+        message_id: str,
+        held: str,
+        lease_interval: float,
+    ) -> None:
+        self.queue = queue
+        self.body = body
+        self.attempt = attempt
+        self.message_id = message_id
+        self.held = held
+        # There is no lease to extend (the held copy waits as long as needed); keep_alive checks that it is still
+        # ours, so that a long disconnection shows up in the lease metrics while the experiment runs.
+        self.lease_interval: float | None = lease_interval
+        self._broker = broker
+        self._settlement: _Settlement | None = None
+
+    def __repr__(self) -> str:
+        return f"RabbitDelivery({self.queue}, {self.message_id!r}, attempt={self.attempt})"
+
+    @property
+    def log_context(self) -> dict[str, object]:
+        return {"queue": self.queue.name, "message_id": self.message_id}
+
+    async def ack(self) -> None:
+        await self._settle(_Settlement("ack"))
+
+    async def requeue(self, *, delay: float = 0.0) -> None:
+        await self._settle(_Settlement("requeue", delay=max(0.0, delay)))
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._settle(_Settlement("dead_letter", reason=reason))
+
+    async def keep_alive(self) -> None:
+        await self._broker._check_held(self)
+
+    async def _settle(self, settlement: _Settlement) -> None:
+        if self._settlement is not None:
+            raise RuntimeError(
+                f"{self!r} was already settled ({self._settlement.action}); it cannot also be {settlement.action}ed"
+            )
+        self._settlement = settlement
+        await self._broker._settle(self, settlement)
+
+
+# --- the broker ---------------------------------------------------------------------------------------------------
+
+
+def new_runner_id() -> str:
+    """Unique per runner process, readable in the management UI: host, pid and a random part."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:60] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class RabbitBroker:
+    """Work queues on one RabbitMQ virtual host (see the module docstring for the protocol)."""
+
+    name = BROKER_NAME
+
+    def __init__(
+        self,
+        endpoint: AmqpEndpoint,
+        matcher: QueueMatcher,
+        *,
+        runner_id: str | None = None,
+        discover_interval: float = 10.0,
+        orphan_grace: float = 120.0,
+        connect_timeout: float = 10.0,
+        settle_wait: float = 5.0,
+        http_timeout: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.runner_id = runner_id or new_runner_id()
+        if "." in self.runner_id:
+            raise ValueError(f"runner id {self.runner_id!r} must not contain '.'")
+        self.discover_interval = discover_interval  # read by the service's discovery loop
+        self.orphan_grace = orphan_grace
+        self.sweep_interval = max(0.2, min(30.0, orphan_grace / 4))
+        self.lease_interval = max(1.0, min(60.0, orphan_grace / 4))
+        self.settle_wait = settle_wait
+        self._matcher = matcher
+        self._connect_timeout = connect_timeout
+        self._http_timeout = http_timeout
+        self._link = _Link(
+            endpoint,
+            connection_name=f"studio-runner {self.runner_id}",
+            connect_timeout=connect_timeout,
+            on_connect=self._on_connect,
+        )
+        self._http: aiohttp.ClientSession | None = None
+        self._api: ManagementApi | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._sweep_now = asyncio.Event()
+        self._log_filter = _QuietConnectionTrouble()
+        self._claiming: set[str] = set()  # held queues being filled (not yet handed to the service)
+        self._unsettled: dict[str, RabbitDelivery] = {}  # held queue -> delivery
+        self._deferred: dict[str, tuple[RabbitDelivery, _Settlement]] = {}  # settlements waiting for the broker
+        self._disposed: set[str] = set()  # held queues whose copy was republished but not yet acked and deleted
+        self._orphans_seen: dict[str, float] = {}  # runner id -> when its alive queue was first seen missing
+
+    def __repr__(self) -> str:
+        return f"RabbitBroker({self.endpoint.shown}, runner={self.runner_id})"
+
+    @property
+    def alive_queue(self) -> str:
+        return ALIVE_PREFIX + self.runner_id
+
+    # -- lifetime ------------------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start connecting (in the background: an unreachable broker must not stop the runner from starting)."""
+        if self._supervisor is not None:
+            raise RuntimeError(f"{self!r} is already open")
+        for name in _QuietConnectionTrouble.LOGGERS:
+            logging.getLogger(name).addFilter(self._log_filter)
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._http_timeout))
+        self._api = ManagementApi(self.endpoint, self._http)
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"rabbitmq {self.endpoint.shown}")
+        log.info(
+            "RabbitMQ queues at %s as runner %s",
+            self.endpoint.shown,
+            self.runner_id,
+            extra={"broker": BROKER_NAME, "management": self.endpoint.management_url},
+        )
+
+    async def close(self) -> None:
+        """Settle what can still be settled, then disconnect. Messages still held are returned to their queues by
+        other runners once this runner's alive queue has been gone for the orphan grace."""
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is None:
+            return
+        try:
+            if self._deferred and self._link.connected:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._retry_deferred(), 10)
+            held = len(self._unsettled) + len(self._deferred)
+            if held:
+                log.warning(
+                    "closing with %d messages still held; other runners return them to their queues after %gs",
+                    held,
+                    self.orphan_grace,
+                    extra={"broker": BROKER_NAME},
+                )
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            if self._http is not None:
+                await self._http.close()
+            for name in _QuietConnectionTrouble.LOGGERS:
+                logging.getLogger(name).removeFilter(self._log_filter)
+
+    async def _supervise(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._link.run())
+                tg.create_task(self._maintain())
+        except Exception:  # both loops handle their errors; this would be a bug, and must not pass unnoticed
+            log.exception("RabbitMQ connection supervisor failed", extra={"broker": BROKER_NAME})
+            raise
+
+    async def _on_connect(self, conn: aiormq.abc.AbstractConnection) -> None:
+        # The broker deletes this queue when the connection ends: its absence tells other runners we are gone.
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            await channel.queue_declare(self.alive_queue, exclusive=True, auto_delete=True)
+        finally:
+            await channel.close()
+        self._sweep_now.set()
+
+    # -- discovery -----------------------------------------------------------------------------------------------
+
+    async def discover(self) -> list[QueueRef]:
+        api = self._require_api()
+        names = await api.bound_queues()
+        return [
+            QueueRef(BROKER_NAME, name, self.endpoint.project)
+            for name in names
+            if self._matcher(name) and not name.startswith(RESERVED_PREFIX)
+        ]
+
+    def _require_api(self) -> ManagementApi:
+        if self._api is None:
+            raise RuntimeError(f"{self!r}: open() the broker first")
+        return self._api
+
+    # -- publishing ----------------------------------------------------------------------------------------------
+
+    async def publish(self, queue: str, body: bytes) -> str:
+        """Put a request on ``queue`` as the StudioML client does (see publish_request)."""
+        if self._supervisor is None:
+            raise RuntimeError(f"{self!r}: open() the broker first")
+        try:
+            conn = await asyncio.wait_for(self._link.connection(), self._connect_timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(f"not connected to RabbitMQ at {self.endpoint.shown}") from None
+        message_id = await publish_request(conn, queue, body)
+        log.info("published", extra={"queue": queue, "message_id": message_id})
+        return message_id
+
+    # -- consuming -----------------------------------------------------------------------------------------------
+
+    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[RabbitDelivery, None]:
+        """Yield the requests of ``queue``, each only while ``credit`` allows; raises QueueGone.
+
+        Connection trouble never ends the generator: it waits for the link and consumes again."""
+        if self._supervisor is None:
+            raise RuntimeError(f"{self!r}: open() the broker before consuming")
+        failures = 0
+        last_problem = ""
+        while True:
+            await credit.wait()
+            conn = await self._link.connection()
+            consumer = _Consumer(self, conn, queue)
+            try:
+                await consumer.start()
+                while (message := await consumer.next_message(credit)) is not None:
+                    delivery = await consumer.hand_off(message)
+                    if delivery is None:
+                        continue
+                    failures, last_problem = 0, ""
+                    yield delivery
+                    if not await consumer.admitted(credit):
+                        break
+            except QueueGone:
+                raise
+            except Exception as err:  # the broker's trouble must never end intake: wait, then consume again
+                failures += 1
+                problem = f"{type(err).__name__}: {err}"
+                if self._link.connected and not conn.is_closed and problem != last_problem:
+                    # A channel-level refusal (permissions, a queue argument the broker rejects): say it once.
+                    log.warning("cannot consume: %s", problem, extra={"queue": str(queue), "attempts": failures})
+                last_problem = problem
+                await asyncio.sleep(min(10.0, 0.25 * 2 ** min(failures, 10)))
+            finally:
+                await asyncio.shield(consumer.close())
+
+    # -- settling ------------------------------------------------------------------------------------------------
+
+    def _track(self, delivery: RabbitDelivery) -> None:
+        self._unsettled[delivery.held] = delivery
+        self._claiming.discard(delivery.held)
+
+    async def _settle(self, delivery: RabbitDelivery, settlement: _Settlement) -> None:
+        """Settle now, waiting up to ``settle_wait`` for the broker; past that the settlement is retried in the
+        background (the held copy is safe in the broker meanwhile)."""
+        deadline = time.monotonic() + self.settle_wait
+        failures = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            conn: aiormq.abc.AbstractConnection | None = None
+            try:
+                conn = await asyncio.wait_for(self._link.connection(), max(0.01, remaining))
+                await self._settle_once(conn, delivery, settlement)
+                return
+            except Exception as err:
+                if not _connection_trouble(err, conn):
+                    raise  # the service reports it; the held copy stays, and is returned after this runner exits
+                failures += 1
+                if time.monotonic() >= deadline:
+                    self._deferred[delivery.held] = (delivery, settlement)
+                    self._unsettled.pop(delivery.held, None)
+                    log.warning(
+                        "RabbitMQ unavailable: %s deferred until it is back (%s)",
+                        settlement.action,
+                        type(err).__name__,
+                        extra=delivery.log_context,
+                    )
+                    return
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+
+    async def _settle_once(
+        self, conn: aiormq.abc.AbstractConnection, delivery: RabbitDelivery, settlement: _Settlement
+    ) -> None:
+        extra = delivery.log_context
+        # A retry after a connection loss must not republish a copy that was already republished.
+        disposed = delivery.held in self._disposed
+        async with _channel(conn) as channel:
+            try:
+                copy = await channel.basic_get(delivery.held, no_ack=False, timeout=_OPERATION_TIMEOUT)
+            except amqp.ChannelNotFoundEntity:
+                copy = None
+            if copy is not None and isinstance(copy.delivery, spec.Basic.GetOk):
+                outcome = f"{settlement.action} completed after reconnecting"
+                if not disposed:
+                    outcome = await self._dispose(conn, channel, copy, delivery, settlement)
+                    self._disposed.add(delivery.held)
+                await channel.basic_ack(_tag_of(copy))
+                log.info(outcome, extra=extra)
+            elif not disposed:
+                # Someone else got the copy out first: another runner returned it to its queue while this one was
+                # disconnected for longer than the orphan grace. It is theirs now; settling it again would duplicate.
+                log.warning(
+                    "message was returned to its queue by another runner while this runner was away; %s skipped",
+                    settlement.action,
+                    extra=extra,
+                )
+        async with _channel(conn) as channel:
+            await channel.queue_delete(delivery.held)
+        self._unsettled.pop(delivery.held, None)
+        self._deferred.pop(delivery.held, None)
+        self._disposed.discard(delivery.held)
+
+    async def _dispose(
+        self,
+        conn: aiormq.abc.AbstractConnection,
+        channel: aiormq.abc.AbstractChannel,
+        copy: aiormq.abc.DeliveredMessage,
+        delivery: RabbitDelivery,
+        settlement: _Settlement,
+    ) -> str:
+        """Carry out ``settlement`` on the held ``copy``; the log line that says what happened."""
+        origin = delivery.queue.name
+        if settlement.action == "ack":
+            return "acked"
+        if settlement.action == "dead_letter":
+            await self._dead_letter(conn, channel, copy, origin, delivery.attempt, settlement.reason)
+            return f"dead-lettered to {origin}{DEAD_SUFFIX}: {settlement.reason}"
+        headers = _without(copy.header.properties.headers, QUEUE_HEADER, RUNNER_HEADER)
+        headers[DELIVERIES_HEADER] = delivery.attempt
+        properties = _properties(copy.header.properties, headers=headers)
+        if not await _exists(conn, "queue", origin):
+            reason = "the queue was deleted while the message was held by a runner"
+            await self._dead_letter(conn, channel, copy, origin, delivery.attempt, reason)
+            return f"queue gone at requeue: dead-lettered to {origin}{DEAD_SUFFIX}"
+        if settlement.delay >= 1.0:
+            delay_queue = await _declare_delay_queue(channel, origin, settlement.delay)
+            await channel.basic_publish(
+                copy.body, routing_key=delay_queue, properties=properties, mandatory=True, timeout=_OPERATION_TIMEOUT
+            )
+            return f"requeued for attempt {delivery.attempt + 1} in {math.ceil(settlement.delay)}s"
+        try:
+            await channel.basic_publish(
+                copy.body, routing_key=origin, properties=properties, mandatory=True, timeout=_OPERATION_TIMEOUT
+            )
+        except amqp.PublishError:  # deleted since the look above
+            reason = "the queue was deleted while the message was held by a runner"
+            await self._dead_letter(conn, channel, copy, origin, delivery.attempt, reason)
+            return f"queue gone at requeue: dead-lettered to {origin}{DEAD_SUFFIX}"
+        return f"requeued for attempt {delivery.attempt + 1}"
+
+    async def _dead_letter(
+        self,
+        conn: aiormq.abc.AbstractConnection,
+        channel: aiormq.abc.AbstractChannel,
+        copy: aiormq.abc.DeliveredMessage,
+        origin: str,
+        deliveries: int,
+        reason: str,
+    ) -> None:
+        """Publish ``copy`` to ``<origin>_dead`` with the reason in its headers. When that queue cannot be made
+        (no permission), the message is dropped with an error line: the outcome contract's "ack if no DLQ"."""
+        dead = _bounded_name(origin + DEAD_SUFFIX)
+        headers = _without(copy.header.properties.headers, RUNNER_HEADER)
+        headers.update(
+            {
+                REASON_HEADER: reason[:_REASON_LIMIT],
+                QUEUE_HEADER: origin,
+                DELIVERIES_HEADER: deliveries,
+                RUNNER_HEADER: self.runner_id,
+                DEAD_AT_HEADER: datetime.now(UTC).isoformat(),
+            }
+        )
+        try:
+            if not await _exists(conn, "queue", dead):
+                async with _channel(conn) as declaring:
+                    await declaring.queue_declare(dead, durable=True)
+        except (amqp.ChannelAccessRefused, amqp.ChannelPreconditionFailed, ValueError) as err:
+            log.error(
+                "cannot create dead-letter queue %s (%s): message dropped; reason was: %s",
+                dead,
+                err,
+                reason,
+                extra={"queue": origin, "message_id": copy.header.properties.message_id},
+            )
+            return
+        await channel.basic_publish(
+            copy.body,
+            routing_key=dead,
+            properties=_properties(copy.header.properties, headers=headers),
+            mandatory=True,
+            timeout=_OPERATION_TIMEOUT,
+        )
+
+    async def _held_anywhere(self, identity: str) -> bool:
+        """Whether any runner holds a copy of the request named ``identity``; False when that cannot be known."""
+        try:
+            names = await self._require_api().queue_names(HELD_PREFIX)
+        except BrokerUnavailable as err:
+            log.debug("cannot look for held copies: %s", err)
+            return False
+        return any(_holder_and_identity(name)[1] == identity for name in names)
+
+    async def _check_held(self, delivery: RabbitDelivery) -> None:
+        """keep_alive: fail loudly when the held copy is at risk or gone, so the lease metrics show it."""
+        if not self._link.connected:
+            away = time.monotonic() - (self._link.down_since or time.monotonic())
+            raise BrokerUnavailable(
+                f"disconnected from RabbitMQ for {away:.0f}s; after {self.orphan_grace:g}s other runners return "
+                "this runner's messages to their queues"
+            )
+        conn = await self._link.connection()
+        if not await _exists(conn, "queue", delivery.held):
+            raise BrokerUnavailable("the held message was returned to its queue by another runner")
+
+    # -- background upkeep: orphans of dead runners, deferred settlements, leftovers ------------------------------
+
+    async def _maintain(self) -> None:
+        last_problem = ""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), self.sweep_interval)
+            self._sweep_now.clear()
+            if not self._link.connected:
+                continue
+            try:
+                conn = await self._link.connection()
+                await self._retry_deferred()
+                await self._sweep(conn)
+                last_problem = ""
+            except Exception as err:  # the next sweep tries again; the same trouble is reported once
+                problem = f"{type(err).__name__}: {err}"
+                if problem != last_problem and self._link.connected:
+                    log.warning("RabbitMQ upkeep failed: %s", problem, extra={"broker": BROKER_NAME})
+                last_problem = problem
+
+    async def _retry_deferred(self) -> None:
+        for delivery, settlement in list(self._deferred.values()):
+            conn = await self._link.connection()
+            try:
+                await self._settle_once(conn, delivery, settlement)
+            except Exception as err:
+                if _connection_trouble(err, conn):
+                    raise
+                self._deferred.pop(delivery.held, None)  # refused by the broker: the held copy waits for adoption
+                self._unsettled[delivery.held] = delivery
+                log.error("deferred %s failed: %s", settlement.action, err, extra=delivery.log_context)
+
+    async def _sweep(self, conn: aiormq.abc.AbstractConnection) -> None:
+        api = self._require_api()
+        names = await api.queue_names(RESERVED_PREFIX)
+        alive = {n.removeprefix(ALIVE_PREFIX) for n in names if n.startswith(ALIVE_PREFIX)}
+        now = time.monotonic()
+        holders: set[str] = set()
+        for name in names:
+            if not name.startswith(HELD_PREFIX):
+                continue
+            holder = _holder_and_identity(name)[0]
+            if holder == self.runner_id:
+                if name not in self._claiming and name not in self._unsettled and name not in self._deferred:
+                    # A hand-off that failed half-way: its original went back to the work queue.
+                    async with _channel(conn) as channel:
+                        await channel.queue_delete(name)
+                continue
+            if holder in alive:
+                continue
+            holders.add(holder)
+            first_seen = self._orphans_seen.setdefault(holder, now)
+            if now - first_seen >= self.orphan_grace:
+                await self._adopt(conn, name, holder)
+        for gone in set(self._orphans_seen) - holders:
+            del self._orphans_seen[gone]
+
+    async def _adopt(self, conn: aiormq.abc.AbstractConnection, held: str, holder: str) -> None:
+        """Return the message in ``held`` (its runner ``holder`` is gone) to its work queue."""
+        if await _exists(conn, "queue", ALIVE_PREFIX + holder):
+            self._orphans_seen.pop(holder, None)  # back just now
+            return
+        async with _channel(conn) as channel:
+            try:
+                copy = await channel.basic_get(held, no_ack=False, timeout=_OPERATION_TIMEOUT)
+            except amqp.ChannelNotFoundEntity:
+                return  # another runner adopted it first
+            if isinstance(copy.delivery, spec.Basic.GetOk):
+                props = copy.header.properties
+                origin = str((props.headers or {}).get(QUEUE_HEADER) or "")
+                deliveries = prior_deliveries(props.headers)
+                extra = {"queue": origin, "message_id": props.message_id}
+                headers = _without(props.headers, QUEUE_HEADER, RUNNER_HEADER)
+                headers[DELIVERIES_HEADER] = deliveries  # the interrupted delivery counts
+                try:
+                    if not origin:
+                        raise amqp.PublishError(copy, copy.delivery)
+                    await channel.basic_publish(
+                        copy.body,
+                        routing_key=origin,
+                        properties=_properties(props, headers=headers),
+                        mandatory=True,
+                        timeout=_OPERATION_TIMEOUT,
+                    )
+                    log.warning("returned a message held by runner %s (gone) to its queue", holder, extra=extra)
+                except amqp.PublishError:
+                    reason = "the queue was deleted while the message was held by a runner that died"
+                    await self._dead_letter(conn, channel, copy, origin or "studio-runner.unknown", deliveries, reason)
+                    log.warning("dead-lettered a message held by runner %s (gone): queue gone", holder, extra=extra)
+                await channel.basic_ack(_tag_of(copy))
+        async with _channel(conn) as channel:
+            await channel.queue_delete(held)
+
+
+async def _declare_delay_queue(channel: aiormq.abc.AbstractChannel, origin: str, delay: float) -> str:
+    """A queue whose messages go back to ``origin`` after ``delay`` (whole seconds): a per-queue message TTL and
+    the default exchange as dead-letter exchange. It deletes itself once unused for a while."""
+    seconds = max(1, math.ceil(delay))
+    name = _bounded_name(f"{DELAY_PREFIX}{origin}.{seconds}s")
+    await channel.queue_declare(
+        name,
+        durable=True,
+        arguments={
+            "x-message-ttl": seconds * 1000,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": origin,
+            "x-expires": seconds * 1000 + 600_000,
+        },
+    )
+    return name
+
+
+class _Consumer:
+    """One consumer on one work queue, on a channel of its own, for as long as credit lasts."""
+
+    def __init__(self, broker: RabbitBroker, conn: aiormq.abc.AbstractConnection, queue: QueueRef) -> None:
+        self._broker = broker
+        self._conn = conn
+        self._queue = queue
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._inbox: asyncio.Queue[aiormq.abc.DeliveredMessage | None] = asyncio.Queue()
+        self._tag: str | None = None
+        self._unacked: int | None = None  # delivery tag of the message handed to the service, not yet acked
+
+    async def start(self) -> None:
+        channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True, timeout=_OPERATION_TIMEOUT)
+        self._channel = channel
+        await channel.basic_qos(prefetch_count=1)
+        channel.on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
+        channel.closing.add_done_callback(lambda _: self._inbox.put_nowait(None))
+        try:
+            ok = await channel.basic_consume(self._queue.name, self._inbox.put, timeout=_OPERATION_TIMEOUT)
+        except amqp.ChannelNotFoundEntity as err:
+            raise QueueGone(f"{self._queue}: the queue does not exist") from err
+        self._tag = ok.consumer_tag
+
+    def _cancelled_by_broker(self, frame: spec.Basic.Cancel) -> None:
+        # Usually the queue was deleted; consuming again tells (404 -> QueueGone).
+        self._tag = None
+        self._inbox.put_nowait(None)
+
+    async def next_message(self, credit: Credit) -> aiormq.abc.DeliveredMessage | None:
+        """The next message while credit lasts; None when the consumer stopped (credit gone, cancelled)."""
+        channel = self._require_channel()
+        while self._tag is not None:
+            try:
+                message = await asyncio.wait_for(self._inbox.get(), _CREDIT_CHECK_INTERVAL)
+            except TimeoutError:
+                if credit.available() <= 0:
+                    await self._stop()
+                    return None
+                continue
+            if message is None:
+                if channel.is_closed:
+                    raise amqp.ChannelInvalidStateError(f"{self._queue}: channel closed")
+                return None
+            if credit.available() <= 0:
+                # Capacity went to another queue between our ack and this delivery: give it straight back, unopened.
+                await self._stop()
+                await channel.basic_nack(_tag_of(message), requeue=True)
+                return None
+            return message
+        return None
+
+    async def hand_off(self, message: aiormq.abc.DeliveredMessage) -> RabbitDelivery | None:
+        """Copy ``message`` into a held queue of its own (persistent, confirmed) and describe it as a Delivery.
+        Its original is acknowledged by ``admitted`` once the service took the delivery.
+
+        None when ``message`` is a stale copy of a request some runner already holds (a broker that crashed may
+        forget the acknowledgement of an original whose copy it had already stored): it is acknowledged and
+        dropped."""
+        channel = self._require_channel()
+        broker = self._broker
+        props = message.header.properties
+        identity = message_identity(props.message_id, message.body)
+        if getattr(message.delivery, "redelivered", False) and await broker._held_anywhere(identity):
+            await channel.basic_ack(_tag_of(message))
+            log.warning(
+                "dropped a redelivered copy of a request that is already held by a runner",
+                extra={"queue": self._queue.name, "message_id": identity},
+            )
+            return None
+        attempt = prior_deliveries(props.headers) + 1
+        held = f"{HELD_PREFIX}{broker.runner_id}.{identity}.{uuid.uuid4().hex[:8]}"
+        message_id = identity
+        headers = dict(props.headers or {})
+        headers.update({DELIVERIES_HEADER: attempt, QUEUE_HEADER: self._queue.name, RUNNER_HEADER: broker.runner_id})
+        broker._claiming.add(held)
+        try:
+            await channel.queue_declare(held, durable=True)
+            await channel.basic_publish(
+                message.body,
+                routing_key=held,
+                properties=_properties(props, headers=headers, message_id=message_id),
+                mandatory=True,
+                timeout=_OPERATION_TIMEOUT,
+            )
+        except BaseException:
+            # The original goes back to its queue with the channel; a copy that made it is deleted by the next sweep.
+            broker._claiming.discard(held)
+            raise
+        delivery = RabbitDelivery(
+            broker=broker,
+            queue=self._queue,
+            body=message.body,
+            attempt=attempt,
+            message_id=message_id,
+            held=held,
+            lease_interval=broker.lease_interval,
+        )
+        broker._track(delivery)
+        self._unacked = _tag_of(message)
+        log.info(
+            "took attempt %d%s",
+            attempt,
+            " (redelivered)" if getattr(message.delivery, "redelivered", False) else "",
+            extra=delivery.log_context,
+        )
+        return delivery
+
+    async def admitted(self, credit: Credit) -> bool:
+        """The service decided about the last delivery: stop consuming first if nothing more fits, then ack the
+        original. Whether the consumer goes on."""
+        going_on = credit.available() > 0
+        if not going_on:
+            await self._stop()
+        await self._ack_original()
+        return going_on
+
+    async def _ack_original(self) -> None:
+        tag, self._unacked = self._unacked, None
+        if tag is not None:
+            await self._require_channel().basic_ack(tag)
+
+    async def _stop(self) -> None:
+        """Cancel the consumer; messages already on their way are handed back unopened."""
+        channel = self._require_channel()
+        tag, self._tag = self._tag, None
+        if tag is not None and not channel.is_closed:
+            await channel.basic_cancel(tag, timeout=_OPERATION_TIMEOUT)
+        while not self._inbox.empty():
+            message = self._inbox.get_nowait()
+            if message is not None and not channel.is_closed:
+                await channel.basic_nack(_tag_of(message), requeue=True)
+
+    async def close(self) -> None:
+        """Ack a message the service already took (its held copy is what counts now), then close the channel:
+        anything else unacknowledged goes back to the queue."""
+        channel = self._channel
+        if channel is None:
+            return
+        try:
+            if self._unacked is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._ack_original(), 5)
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), 5)
+
+    def _require_channel(self) -> aiormq.abc.AbstractChannel:
+        if self._channel is None:
+            raise RuntimeError("consumer not started")
+        return self._channel
+
+
+def _tag_of(message: aiormq.abc.DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    if tag is None:
+        raise ValueError("a delivered message without a delivery tag")
+    return tag
+
+
+if TYPE_CHECKING:
+    # Static proof that the broker and its deliveries satisfy the protocols the service is written against.
+    def _conforms(broker: RabbitBroker, delivery: RabbitDelivery) -> tuple[Broker, Delivery]:
+        return broker, delivery

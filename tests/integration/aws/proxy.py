@@ -1,0 +1,84 @@
+"""A reverse proxy in front of the real moto server that damages object downloads on demand.
+
+It is a test instrument, not a stand-in for S3: every request goes to moto and every answer comes from moto; the
+proxy only flips a byte in, or cuts short, the bodies of object GETs when a test asks it to, to show what the store
+does with bytes that were damaged on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from tests.integration.conftest import free_port
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
+
+
+@dataclass
+class DamagingProxy:
+    upstream: str
+    corrupt: int = 0  # how many of the next object GETs get one byte flipped
+    truncate: int = 0  # how many of the next object GETs end half-way, the connection closed
+    object_gets: int = 0
+    port: int = field(default_factory=free_port)
+    _runner: web.AppRunner | None = None
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Host"] = request.headers.get("Host", self.host)
+        async with self._session.request(
+            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=body
+        ) as upstream:
+            payload = await upstream.read()
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+            status = upstream.status
+        is_object_get = request.method == "GET" and not request.query_string and status in (200, 206) and payload
+        if is_object_get:
+            self.object_gets += 1
+            if self.corrupt > 0:
+                self.corrupt -= 1
+                damaged = bytearray(payload)
+                damaged[len(damaged) // 2] ^= 0xFF
+                payload = bytes(damaged)
+            elif self.truncate > 0:
+                self.truncate -= 1
+                response = web.StreamResponse(status=status, headers=out_headers)
+                response.content_length = len(payload)
+                await response.prepare(request)
+                await response.write(payload[: len(payload) // 2])
+                await asyncio.sleep(0.01)
+                assert request.transport is not None
+                request.transport.close()
+                return response
+        if request.method == "HEAD":  # no body, but the length the object has
+            length = upstream.headers.get("Content-Length", "0")
+            response = web.StreamResponse(status=status, headers=out_headers)
+            response.headers["Content-Length"] = length
+            await response.prepare(request)
+            return response
+        return web.Response(status=status, headers=out_headers, body=payload)
