@@ -354,12 +354,16 @@ class EnvCache:
             fd = envlocks.try_open_locked(self._env_lock(key), shared=True)
             if fd is None:
                 return _BUSY
-            if not self._touch(key):
+            try:
+                if self._touch(key):
+                    self._write_alias(request, key)
+                    shutil.rmtree(build_dir, ignore_errors=True)
+                    return True, fd
+            except BaseException:
                 os.close(fd)
-                return self._gone(build_dir, key)
-            self._write_alias(request, key)
-            shutil.rmtree(build_dir, ignore_errors=True)
-            return True, fd
+                raise
+            os.close(fd)
+            return self._gone(build_dir, key)
         try:
             reused = self._touch(key)
             if not reused:
