@@ -8,7 +8,9 @@ Two workspaces, each measured both ways, in one run on this machine:
 **pack + upload**: the runner's path is ``pack`` (tar) and ``S3Store.upload`` (verified multipart); the baseline is
 ``tar cf`` then ``aws s3 cp`` (awscli from PyPI, its default 8 MiB parts and 10 threads).
 **download + unpack**: ``S3Store.download`` (concurrent verified ranges) and ``unpack``, against ``aws s3 cp`` then
-``tar xf``. Throughput is workspace bytes per second of wall time, best of ``--repeat`` runs.
+``tar xf``. Each round runs both sides back to back; the ratio shown is the median over rounds of the baseline's time
+over the runner's (paired, so that a slow moment of a shared machine hits both sides alike), and the throughput is
+workspace bytes per second of the runner's median time.
 
 The runner's side runs in a child process that reports its resident memory when idle (SDK loaded, one request
 made) and at its peak. Targets: ≥ 1.0× the baseline on (a), ≥ 2× on (b), peak RSS < 2 × idle + 64 MiB.
@@ -24,6 +26,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -212,7 +215,7 @@ def report(name: str, figure: str, target: str, ok: bool, extra: str = "") -> No
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each transfer; the best counts")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median counts")
     parser.add_argument("--concurrency", type=int, default=16, help="the runner's --transfer-concurrency")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -227,8 +230,8 @@ def main() -> int:
 
     moto, port = start_moto()
     names = ["large", "small"]
-    cli: dict[str, float] = {}
-    mine: dict[str, float] = {}
+    cli: dict[str, list[float]] = {}
+    mine: dict[str, list[float]] = {}
     memory: list[tuple[int, int]] = []  # (idle, peak) of each runner process
     try:
         with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
@@ -242,24 +245,25 @@ def main() -> int:
                 for name in names:
                     fresh_bucket(port, bucket)
                     for k, v in baseline(root, scratch, port, bucket, name).items():
-                        cli[k] = min(cli.get(k, v), v)
+                        cli.setdefault(k, []).append(v)
                     fresh_bucket(port, bucket)
                     result = ours(args, root, scratch, port, bucket, name)
                     for k, v in result["timings"].items():
-                        mine[k] = min(mine.get(k, v), v)
+                        mine.setdefault(k, []).append(v)
                     memory.append((result["idle_rss"], result["peak_rss"]))
     finally:
         moto.terminate()
         moto.wait(30)
 
-    print(f"S3 artifact transfers against moto on loopback, {os.cpu_count()} cores, best of {args.repeat}")
+    print(f"S3 artifact transfers against moto on loopback, {os.cpu_count()} cores, median of {args.repeat} rounds")
     labels = {"large": "(a) 512 MiB workspace", "small": "(b) 2,000 small files"}
     targets = {"large": TARGET_LARGE, "small": TARGET_SMALL}
     for name in names:
         for direction, what in (("up", "pack + upload"), ("down", "download + unpack")):
-            took, theirs = mine[f"{name}/{direction}"], cli[f"{name}/{direction}"]
+            ours_s, theirs_s = mine[f"{name}/{direction}"], cli[f"{name}/{direction}"]
+            took, theirs = statistics.median(ours_s), statistics.median(theirs_s)
             rate = sizes[name] / took / MIB
-            ratio = theirs / took
+            ratio = statistics.median(t / o for t, o in zip(theirs_s, ours_s, strict=True))
             report(
                 f"{labels[name]}: {what}",
                 f"{rate:.0f} MiB/s",

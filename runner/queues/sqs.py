@@ -602,20 +602,23 @@ class SqsBroker:
             key, account = self._route(queue)
             self._reserved += wanted
             received_at = self.clock()  # before the call: the 12 h clock may start any time during it
+            failed: Exception | None = None
             try:
                 messages = await self._receive(account, queue, wanted)
             except QueueGone:
                 raise
             except Exception as err:
-                failures += 1
-                pause = min(30.0, 2.0 ** (failures - 1))
-                log.warning("SQS receive failed, trying again in %.0fs: %s", pause, err, extra={"queue": queue.name})
-                await asyncio.sleep(pause)
-                continue
+                failed, messages = err, []
             finally:
                 self._reserved -= wanted
                 self._reservations.set()
                 self._reservations = asyncio.Event()
+            if failed is not None:
+                failures += 1
+                pause = min(30.0, 2.0 ** (failures - 1))
+                log.warning("SQS receive failed, trying again in %.0fs: %s", pause, failed, extra={"queue": queue.name})
+                await asyncio.sleep(pause)
+                continue
             failures = 0
             for index, message in enumerate(messages):
                 delivery = SqsDelivery(
