@@ -21,8 +21,9 @@ from typing import Any, NoReturn
 
 import platformdirs
 
+from runner.expand import expand_variables
 from runner.queues.matcher import DEFAULT_MATCH, QueueMatcher
-from runner.queues.rabbitmq import AmqpEndpoint, expand_variables, redact_url
+from runner.queues.rabbitmq import AmqpEndpoint, redact_url
 from runner.units import DURATION_FORM, SIZE_FORM, format_duration, format_size, parse_duration, parse_size
 
 PROG = "python -m runner"
@@ -236,25 +237,14 @@ def _address(text: str, environ: Mapping[str, str]) -> str:
     return address
 
 
-_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-
-
 def _path(text: str, environ: Mapping[str, str]) -> Path:
     """Expand ``~`` and ``${VAR}``/``$VAR`` from ``environ`` (not ``os.environ``, so tests and callers stay in
     control) and make the path absolute. An unset variable is an error: silently expanding it to "" would send
     work to a surprising directory."""
-    missing: list[str] = []
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name not in environ:
-            missing.append(name)
-            return match.group(0)
-        return environ[name]
-
-    expanded = _VAR.sub(substitute, text.strip())
-    if missing:
-        raise _Invalid(f"refers to ${missing[0]}, which is not set")
+    try:
+        expanded = expand_variables(text, environ)
+    except ValueError as err:
+        raise _Invalid(str(err)) from None
     if expanded == "~" or expanded.startswith("~/"):
         expanded = (environ.get("HOME") or str(Path.home())) + expanded[1:]
     path = Path(expanded).expanduser().absolute()

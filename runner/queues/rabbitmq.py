@@ -97,26 +97,6 @@ class BrokerUnavailable(Exception):
 
 # --- where the broker is ------------------------------------------------------------------------------------------
 
-_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-
-
-def expand_variables(text: str, environ: Mapping[str, str]) -> str:
-    """Expand ``${VAR}`` and ``$VAR`` from ``environ``, as studio-go-runner's ``os.ExpandEnv`` does; an unset
-    variable is an error (a silently empty password makes for a confusing login failure)."""
-    missing: list[str] = []
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name not in environ:
-            missing.append(name)
-            return match.group(0)
-        return environ[name]
-
-    expanded = _VAR.sub(substitute, text.strip())
-    if missing:
-        raise ValueError(f"refers to ${missing[0]}, which is not set")
-    return expanded
-
 
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``****``; for logs and problem reports."""

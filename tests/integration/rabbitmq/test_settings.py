@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from runner.config import ConfigError, load_settings
+from runner.expand import expand_variables
 from runner.queues.rabbitmq import (
     AmqpEndpoint,
-    expand_variables,
     message_identity,
     prior_deliveries,
     redact_url,
