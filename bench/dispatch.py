@@ -103,7 +103,8 @@ class Bench:
     def finished(self, key: str) -> bool:
         return (self.storage / "experiments" / key / "_results.tar").exists()
 
-    def start_runner(self) -> subprocess.Popen[bytes]:
+    def start_runner(self, **overrides: str) -> subprocess.Popen[bytes]:
+        """A real ``python -m runner`` on this bench's directories; ``overrides`` are extra environment settings."""
         port = free_port()
         env = dict(
             os.environ,
@@ -115,6 +116,7 @@ class Bench:
             CPU_ONLY="true",
             LOG_FORMAT="json",
         )
+        env.update(overrides)
         log = (self.root / "runner.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "runner", "--prom-address", f"127.0.0.1:{port}"], env=env, stdout=log, stderr=log

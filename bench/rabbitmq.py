@@ -22,12 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiormq
 from dispatch import QUEUE as LOCAL_QUEUE
-from dispatch import Bench, free_port, percentile, report
+from dispatch import Bench, percentile, report
 
 from runner.queues.rabbitmq import EXCHANGE, ROUTING_PREFIX, publish_request, request_properties
 
@@ -48,34 +47,15 @@ class RabbitBench(Bench):
         self.published = 0
 
     def start_runner(self, slots: int = 0) -> subprocess.Popen[bytes]:
-        port = free_port()
-        env = dict(
-            os.environ,
-            QUEUE_ROOT=str(self.queue_root),
-            WORKING_DIR=str(self.root / "work"),
-            CACHE_DIR=str(self.root / "cache"),
-            ENV_CACHE_DIR=str(self.root / "envs"),
-            QUEUE_MATCH=f"^({LOCAL_QUEUE}|{RMQ_QUEUE})$",
-            AMQP_URL=self.node.amqp_url(),
-            AMQP_MGT_URL=self.node.management_url,
-            AMQP_DISCOVER_INTERVAL="200ms",
-            CPU_ONLY="true",
-            LOG_FORMAT="json",
-        )
+        settings = {
+            "QUEUE_MATCH": f"^({LOCAL_QUEUE}|{RMQ_QUEUE})$",
+            "AMQP_URL": self.node.amqp_url(),
+            "AMQP_MGT_URL": self.node.management_url,
+            "AMQP_DISCOVER_INTERVAL": "200ms",
+        }
         if slots:
-            env["MAX_CORES"] = str(slots)
-        log = (self.root / "runner.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runner", "--prom-address", f"127.0.0.1:{port}"], env=env, stdout=log, stderr=log
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                    return proc
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("runner did not start; see runner.log")
+            settings["MAX_CORES"] = str(slots)
+        return super().start_runner(**settings)
 
     async def connect(self) -> None:
         conn = await aiormq.connect(self.node.amqp_url())
