@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,22 +158,29 @@ async def baseline(bench: Bench, count: int) -> list[float]:
     return latencies
 
 
-async def latency(bench: Bench, count: int) -> list[float]:
+Publish = Callable[[str], Awaitable[float]]
+
+
+async def latency(bench: Bench, count: int, publish: Publish | None = None, prefix: str = "") -> list[float]:
+    """Publish → first line, one experiment at a time into an idle runner (``publish`` defaults to the local queue)."""
+    publish = publish or bench.publish
     latencies = []
     for i in range(count):
-        key = f"lat-{i}"
-        t0 = await bench.publish(key)
+        key = f"{prefix}lat-{i}"
+        t0 = await publish(key)
         await bench.wait_for([key])
         latencies.append(bench.started()[key] - t0)
     return latencies
 
 
-async def throughput(bench: Bench, burst: int) -> float:
-    keys = [f"burst-{i}" for i in range(burst)]
+async def throughput(bench: Bench, burst: int, publish: Publish | None = None, prefix: str = "") -> float:
+    """Experiments completed per second when ``burst`` are published at once."""
+    publish = publish or bench.publish
+    keys = [f"{prefix}burst-{i}" for i in range(burst)]
     t0 = time.time()
     for key in keys:
-        await bench.publish(key)
-    await bench.wait_for(keys)
+        await publish(key)
+    await bench.wait_for(keys, timeout=300)
     return burst / (time.time() - t0)
 
 

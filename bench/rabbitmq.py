@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aiormq
 from dispatch import QUEUE as LOCAL_QUEUE
-from dispatch import Bench, percentile, report
+from dispatch import Bench, latency, percentile, report, throughput
 
 from runner.queues.rabbitmq import EXCHANGE, ROUTING_PREFIX, publish_request, request_properties
 
@@ -79,25 +79,6 @@ class RabbitBench(Bench):
         return t
 
 
-async def latencies(bench: RabbitBench, count: int, *, rabbit: bool) -> list[float]:
-    found = []
-    for i in range(count):
-        key = f"{'rmq' if rabbit else 'local'}-lat-{i}"
-        t0 = await (bench.publish_rmq(key) if rabbit else bench.publish(key))
-        await bench.wait_for([key])
-        found.append(bench.started()[key] - t0)
-    return found
-
-
-async def throughput(bench: RabbitBench, burst: int) -> float:
-    keys = [f"rmq-burst-{i}" for i in range(burst)]
-    t0 = time.time()
-    for key in keys:
-        await bench.publish_rmq(key)
-    await bench.wait_for(keys, timeout=300)
-    return burst / (time.time() - t0)
-
-
 async def main_async(args: argparse.Namespace) -> int:
     slots = min(args.slots, os.cpu_count() or 1)
     node = RabbitNode(consumer_timeout_ms=1_800_000, tick_ms=60_000)
@@ -110,9 +91,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 await bench.connect()
                 await bench.publish("warm-up")  # builds the Python environment once
                 await bench.wait_for(["warm-up", "rmq-declare"], timeout=300)
-                local = await latencies(bench, args.count, rabbit=False)
-                rmq = await latencies(bench, args.count, rabbit=True)
-                rate = await throughput(bench, args.burst)
+                local = await latency(bench, args.count, prefix="local-")
+                rmq = await latency(bench, args.count, bench.publish_rmq, prefix="rmq-")
+                rate = await throughput(bench, args.burst, bench.publish_rmq, prefix="rmq-")
             finally:
                 runner.terminate()
                 runner.wait(60)
