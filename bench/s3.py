@@ -5,12 +5,12 @@ Two workspaces, each measured both ways, in one run on this machine:
 - **(a)** one 512 MiB workspace (eight 64 MiB files of random bytes);
 - **(b)** 2,000 small files (4 KiB each).
 
-**pack + upload**: the runner's path is ``pack`` (tar) and ``S3Store.upload`` (verified multipart); the baseline is
-``tar cf`` then ``aws s3 cp`` (awscli from PyPI, its default 8 MiB parts and 10 threads).
-**download + unpack**: ``S3Store.download`` (concurrent verified ranges) and ``unpack``, against ``aws s3 cp`` then
-``tar xf``. Each round runs both sides back to back; the ratio shown is the median over rounds of the baseline's time
-over the runner's (paired, so that a slow moment of a shared machine hits both sides alike), and the throughput is
-workspace bytes per second of the runner's median time.
+**pack + upload**: the runner's path is ``ArtifactIO.store`` (the tar is uploaded in verified multipart parts while
+it is being packed); the baseline is ``tar cf`` then ``aws s3 cp`` (awscli from PyPI, its default 8 MiB parts and
+10 threads). **download + unpack**: ``ArtifactIO.fetch`` (concurrent verified ranges, then the tar unpacked),
+against ``aws s3 cp`` then ``tar xf``. Each round runs both sides back to back; the ratio shown is the median over
+rounds of the baseline's time over the runner's (paired, so that a slow moment of a shared machine hits both sides
+alike), and the throughput is workspace bytes per second of the runner's median time.
 
 The runner's side runs in a child process that reports its resident memory when idle (SDK loaded, one request
 made) and at its peak. Targets: ≥ 1.0× the baseline on (a), ≥ 2× on (b), peak RSS < 2 × idle + 64 MiB.
@@ -96,44 +96,44 @@ def rss(field: str) -> int:
 
 
 async def worker(args: argparse.Namespace) -> dict[str, Any]:
-    from runner.request import AwsCredentials
+    from runner.storage.artifacts import ArtifactIO
     from runner.storage.s3 import S3Store
     from runner.storage.transfer import TransferPool
 
-    s3 = S3Store(pool=TransferPool(args.concurrency))
+    pool = TransferPool(args.concurrency)
+    s3 = S3Store(pool=pool)
     try:
-        return await transfers(args, s3.with_credentials(AwsCredentials(KEY_ID, SECRET, region=REGION)))
+        return await transfers(args, s3, ArtifactIO({"s3": s3}, cache=None, max_concurrent=args.concurrency))
     finally:
         await s3.close()
 
 
-async def transfers(args: argparse.Namespace, store: Any) -> dict[str, Any]:
-    from runner.storage.archive import pack, unpack
+async def transfers(args: argparse.Namespace, s3: Any, io: Any) -> dict[str, Any]:
+    from runner.request import Artifact, AwsCredentials
     from runner.storage.base import ObjectNotFound
 
+    credentials = AwsCredentials(KEY_ID, SECRET, region=REGION)
     base = f"s3://127.0.0.1:{args.port}/{args.bucket}"
     scratch = Path(args.scratch)
     with contextlib.suppress(ObjectNotFound):
-        await store.stat(f"{base}/warm-up")  # the SDK loaded and one request made: the runner at rest
+        await s3.with_credentials(credentials).stat(f"{base}/warm-up")  # the SDK loaded, one request: at rest
     idle = rss("VmRSS")
     timings: dict[str, float] = {}
     for name in args.workspaces:
         source = Path(args.root) / f"ws-{name}"
+        # What an experiment's artifact looks like: the runner packs its directory into the object on the way out
+        # (ArtifactIO.store) and unpacks the object into a directory on the way in (ArtifactIO.fetch).
+        artifact = Artifact(label=name, qualified=f"{base}/ours/{name}.tar", unpack=True, aws=credentials)
         for attempt in range(args.repeat):
-            archive = scratch / f"{name}.tar"
             os.sync()  # earlier steps' writeback must not slow this one
             t0 = time.perf_counter()
-            await asyncio.to_thread(pack, source, archive, "")
-            await store.upload(archive, f"{base}/ours/{name}.tar")
+            await io.store(artifact, source)
             up = time.perf_counter() - t0
-            archive.unlink()
             target = scratch / f"{name}-out"
             os.sync()  # earlier steps' writeback must not slow this one
             t0 = time.perf_counter()
-            await store.download(f"{base}/ours/{name}.tar", archive)
-            await asyncio.to_thread(unpack, archive, target)
+            await io.fetch(artifact, target)
             down = time.perf_counter() - t0
-            archive.unlink()
             shutil.rmtree(target)
             timings[f"{name}/up"] = min(timings.get(f"{name}/up", 1e9), up)
             timings[f"{name}/down"] = min(timings.get(f"{name}/down", 1e9), down)

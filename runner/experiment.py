@@ -16,7 +16,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -101,6 +101,7 @@ class Experiment:
         tools: Tools,
         interrupt: asyncio.Event,
         received_at: float | None = None,
+        interrupt_reason: Callable[[], str] = lambda: "the runner is shutting down",
     ) -> None:
         self.request = request
         self.key = request.experiment.key
@@ -109,6 +110,7 @@ class Experiment:
         self.allocation = allocation
         self.tools = tools
         self.interrupt = interrupt
+        self.interrupt_reason = interrupt_reason  # why ``interrupt`` was set, for the outcome and _results
         self.received_at = received_at if received_at is not None else time.monotonic()
         self.stop = asyncio.Event()
         self.dir = Path()
@@ -180,7 +182,7 @@ class Experiment:
         if process.reason == "stopped":
             return ExperimentResult(Outcome.STOPPED, "stopped: _status asked the experiment to stop", code, tail)
         if process.reason == "interrupted":
-            return ExperimentResult(Outcome.INTERRUPTED, "interrupted: the runner is shutting down", code, tail)
+            return ExperimentResult(Outcome.INTERRUPTED, f"interrupted: {self.interrupt_reason()}", code, tail)
         if code == 0:
             return ExperimentResult(Outcome.SUCCEEDED, "ok", 0)
         if code == EXIT_TEMPFAIL:

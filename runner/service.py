@@ -367,6 +367,7 @@ class Runner:
             tools=self._tools,
             interrupt=interrupt,
             received_at=decision.received_at,
+            interrupt_reason=lambda: _interrupt_reason(lease_ending),
         )
         self._running[key] = Running(experiment, delivery.queue)
         running = self.metrics.tasks_running.labels(delivery.queue.name)
@@ -396,6 +397,8 @@ class Runner:
             if result is None:
                 result = ExperimentResult(Outcome.INTERRUPTED, "the runner stopped before the experiment finished")
             settlement = settle(result.outcome, delivery.attempt, self.policy, result.message)
+            if settlement.action is Action.DEAD_LETTER:
+                await asyncio.shield(experiment.record.dead_lettered(result.outcome))
             if result.outcome is Outcome.SUCCEEDED:
                 self._remember_success(key)
             self.metrics.tasks_finished.labels(delivery.queue.name, str(result.outcome)).inc()
@@ -501,6 +504,15 @@ class Runner:
 
 async def _awaited(trigger: ShutdownTrigger) -> None:
     await trigger()
+
+
+def _interrupt_reason(lease_ending: asyncio.Event | None) -> str:
+    if lease_ending is not None and lease_ending.is_set():
+        return (
+            "its message neared the 12-hour SQS lease limit; it is sent again as a new message and resumes from "
+            "its checkpoint"
+        )
+    return "the runner is shutting down"
 
 
 async def _set_when_any(target: asyncio.Event, *sources: asyncio.Event | None) -> None:

@@ -243,11 +243,23 @@ def _read_member(archive: Path, name: str) -> str | None:
     return None
 
 
+def _s3_option(p: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    p.add_argument(
+        "--s3-url",
+        metavar="s3://HOST[:PORT]/BUCKET",
+        default=environ.get("S3_URL", ""),
+        help="the experiment's storage is this bucket (as given to submit for sqs_ queues; env S3_URL; AWS_* settings)",
+    )
+
+
 def show(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     p = argparse.ArgumentParser(prog="python -m runner show", description="Print an experiment's results and output.")
-    p.add_argument("key", nargs="?", help="experiment key (default: the most recently updated one)")
+    p.add_argument("key", nargs="?", help="experiment key (default: the most recently updated one, local storage)")
     p.add_argument("--storage-root", type=Path, default=default_storage_root(environ))
+    _s3_option(p, environ)
     ns = p.parse_args(argv)
+    if ns.s3_url:
+        return _show_s3(ns, environ)
     if not ns.key:
         experiments = ns.storage_root / "experiments"
         candidates = sorted(experiments.iterdir(), key=lambda d: d.stat().st_mtime) if experiments.is_dir() else []
@@ -261,27 +273,85 @@ def show(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     if results is None and output is None:
         print(f"show: nothing stored yet for {ns.key} under {base}", file=sys.stderr)
         return 1
-    print(f"== {ns.key} output ==")
+    _print_results(ns.key, output, results)
+    return 0
+
+
+def _show_s3(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from runner.storage.base import StorageError
+    from runner.submit_aws import SubmitError, fetch_results
+
+    if not ns.key:
+        print("show: give the experiment key (submit printed it) to read it from --s3-url", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="studio-show-") as tmp:
+        try:
+            found = fetch_results(ns.s3_url, ns.key, Path(tmp), environ)
+        except SubmitError as err:
+            print(f"show: {err}", file=sys.stderr)
+            return 2
+        except StorageError as err:
+            print(f"show: {err}", file=sys.stderr)
+            return 1
+        results = _read_member(found["_results"], "_results.json") if "_results" in found else None
+        output = _read_member(found["output"], "output") if "output" in found else None
+    record = found.get("record")
+    if results is None and output is None and record is None:
+        print(f"show: nothing stored for {ns.key} in {ns.s3_url}", file=sys.stderr)
+        return 1
+    if isinstance(record, dict):
+        print(f"== {ns.key} status: {record.get('status', 'unknown')} ==")
+    _print_results(ns.key, output, results)
+    return 0
+
+
+def _print_results(key: str, output: str | None, results: str | None) -> None:
+    print(f"== {key} output ==")
     print(output if output is not None else "(no output yet)", end="" if output and output.endswith("\n") else "\n")
     print("== _results.json ==")
     print(results if results is not None else "(not finished yet)")
-    return 0
 
 
 def stop(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     p = argparse.ArgumentParser(prog="python -m runner stop", description="Ask a running experiment to stop.")
     p.add_argument("key")
     p.add_argument("--storage-root", type=Path, default=default_storage_root(environ))
+    _s3_option(p, environ)
     ns = p.parse_args(argv)
+    payload = json.dumps({"key": ns.key, "status": "stopped"}).encode()
+    if ns.s3_url:
+        return _stop_s3(ns, payload, environ)
     target = ns.storage_root / "experiments" / ns.key / "_status.tar"
     target.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({"key": ns.key, "status": "stopped"}).encode()
     tmp = target.with_suffix(".tmp")
-    with tarfile.open(tmp, "w") as tar:
+    _write_status(tmp, payload)
+    os.replace(tmp, target)
+    print(f"asked {ns.key} to stop (the runner checks _status every --status-interval)")
+    return 0
+
+
+def _stop_s3(ns: argparse.Namespace, payload: bytes, environ: Mapping[str, str]) -> int:
+    from runner.storage.base import StorageError
+    from runner.submit_aws import SubmitError, put_status
+
+    with tempfile.TemporaryDirectory(prefix="studio-stop-") as tmp:
+        archive = Path(tmp) / "_status.tar"
+        _write_status(archive, payload)
+        try:
+            put_status(ns.s3_url, ns.key, archive, environ)
+        except SubmitError as err:
+            print(f"stop: {err}", file=sys.stderr)
+            return 2
+        except StorageError as err:
+            print(f"stop: {err}", file=sys.stderr)
+            return 1
+    print(f"asked {ns.key} to stop (the runner checks _status every --status-interval)")
+    return 0
+
+
+def _write_status(path: Path, payload: bytes) -> None:
+    with tarfile.open(path, "w") as tar:
         info = tarfile.TarInfo("status.json")
         info.size = len(payload)
         info.mtime = int(time.time())
         tar.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, target)
-    print(f"asked {ns.key} to stop (the runner checks _status every --status-interval)")
-    return 0

@@ -9,6 +9,9 @@ SQS queue and S3 storage.
   (``type: s3``), so the runner's status updates land where the client's own tools look;
 * the JSON body goes to the queue with ``SendMessage`` (the queue is created with default attributes when missing).
 
+``show KEY --s3-url ...`` reads the experiment's results, output and status record back from the bucket, and
+``stop KEY --s3-url ...`` stores its ``_status`` artifact, which the runner polls.
+
 AWS settings come from the environment as they do for the client's boto3: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY`` (and ``AWS_SESSION_TOKEN``), ``AWS_REGION``/``AWS_DEFAULT_REGION`` (default us-east-1) and
 ``AWS_ENDPOINT_URL_SQS`` for a self-hosted SQS. The S3 endpoint is the URL's host, by the runner's own rules.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import sys
@@ -32,7 +36,7 @@ from runner.queues.matcher import QueueMatcher
 from runner.queues.sqs import SqsBroker
 from runner.request import AwsCredentials
 from runner.storage.archive import pack
-from runner.storage.base import StorageError
+from runner.storage.base import ObjectNotFound, StorageError
 from runner.storage.s3 import S3Store
 from runner.storage.s3_endpoints import S3Location, locate
 from runner.storage.status_records import EXPERIMENTS_PREFIX
@@ -154,3 +158,52 @@ def submit_sqs(ns: argparse.Namespace, environ: Mapping[str, str], pythonenv: li
     print(f"queued experiment {key} on {ns.queue} (message {message_id})")
     print(f"results: {s3_url}/experiments/{key}/")
     return 0
+
+
+# -- show and stop -----------------------------------------------------------------------------------------------------
+
+
+async def _fetch_results(s3_url: str, key: str, directory: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+    """Download what exists of an experiment's ``_results`` and ``output`` into ``directory`` and read its status
+    record; missing objects are simply absent from the answer."""
+    credentials, region = credentials_from(environ), region_from(environ)
+    bucket = _bucket_url(s3_url, credentials, region)
+    store = S3Store(default_region=region)
+    found: dict[str, Any] = {}
+    try:
+        for label in ("_results", "output"):
+            archive = directory / f"{label}.tar"
+            with contextlib.suppress(ObjectNotFound):
+                await store.download_as(_object_url(s3_url, f"experiments/{key}/{label}.tar"), archive, credentials)
+                found[label] = archive
+        record_location = S3Location(bucket.endpoint, bucket.bucket, EXPERIMENTS_PREFIX + key)
+        record = await store.read_bytes(record_location, credentials, 8 << 20)
+        if record is not None:
+            with contextlib.suppress(ValueError):
+                found["record"] = json.loads(record)
+    finally:
+        await store.close()
+    return found
+
+
+def fetch_results(s3_url: str, key: str, directory: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+    """``_results`` and ``output`` archives (paths) and the status ``record`` (a dict) of ``key``, where they exist.
+
+    Raises SubmitError for a bad --s3-url, StorageError when the bucket cannot be read.
+    """
+    return asyncio.run(_fetch_results(s3_url, key, directory, environ))
+
+
+async def _put_status(s3_url: str, key: str, archive: Path, environ: Mapping[str, str]) -> None:
+    credentials, region = credentials_from(environ), region_from(environ)
+    _bucket_url(s3_url, credentials, region)
+    store = S3Store(default_region=region)
+    try:
+        await store.upload_as(archive, _object_url(s3_url, f"experiments/{key}/_status.tar"), credentials)
+    finally:
+        await store.close()
+
+
+def put_status(s3_url: str, key: str, archive: Path, environ: Mapping[str, str]) -> None:
+    """Store ``archive`` as the experiment's ``_status`` artifact, where the runner polls it."""
+    asyncio.run(_put_status(s3_url, key, archive, environ))

@@ -14,6 +14,7 @@ Two rules shape this module:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import lzma
 import os
@@ -24,8 +25,9 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
+from runner.storage import parallel_extract
 from runner.storage.base import StorageError
 
 log = logging.getLogger(__name__)
@@ -123,11 +125,14 @@ def unpack(archive: Path, dest: Path) -> int:
         members = _read_members(tf, archive, compression)
         _validate(members, archive.name)
         dest.mkdir(parents=True, exist_ok=True)
+        tf.copybufsize = _COPY_BUFFER  # type: ignore[attr-defined]  # public, missing from the stubs
         try:
-            if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
-                tf.extractall(dest, members=members, filter="data")
-            else:  # pragma: no cover - older 3.11 patch releases rely on _validate alone
+            if not hasattr(tarfile, "data_filter"):  # pragma: no cover - 3.11 before .4 relies on _validate alone
                 tf.extractall(dest, members=members)
+            elif not compression and parallel_extract.qualifies(members):
+                parallel_extract.extract(tf, archive, members, dest)
+            else:
+                tf.extractall(dest, members=members, filter="data")
         except tarfile.FilterError as err:
             raise UnsafeArchive(f"unsafe entry in {archive.name}: {err}") from None
         except _CORRUPT as err:
@@ -248,6 +253,10 @@ def _resolve(parts: list[str], links: dict[str, str]) -> list[str] | None:
 # Packing
 
 _COMPRESSIONS = ("", "gz", "bz2", "xz")
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+# Bytes copied per read and write between a member's file and the archive (tarfile's default is 16 KiB).
+_COPY_BUFFER = 1 << 20
 
 
 def pack(src_dir: Path, archive: Path, compression: str) -> int:
@@ -259,23 +268,49 @@ def pack(src_dir: Path, archive: Path, compression: str) -> int:
 
     Raises ArchiveError for a bad compression name or a missing directory, OSError for filesystem trouble.
     """
+    _check_pack_args(src_dir, compression)
+    tmp = archive.with_name(f".{archive.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with open(tmp, "wb") as out:
+            pack_into(src_dir, out, compression, skip=tmp)
+        tmp.replace(archive)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return archive.stat().st_size
+
+
+def pack_into(src_dir: Path, out: BinaryIO, compression: str, *, skip: Path | None = None) -> None:
+    """Write a tar of the contents of ``src_dir`` (as :func:`pack` does) into the open binary file ``out``."""
+    _check_pack_args(src_dir, compression)
+    try:
+        with _open_tar_stream(out, compression) as tf:
+            tf.copybufsize = _COPY_BUFFER  # type: ignore[attr-defined]  # public, missing from the stubs
+            for path, arcname in _walk(src_dir, skip=skip):
+                _add(tf, path, arcname)
+    except _CORRUPT as err:
+        raise ArchiveError(f"could not pack {src_dir}: {_describe(err)}") from None
+    # An OSError (disk full, unreadable file, a file shrinking while it is read) is left as it is: it is a problem
+    # of this machine, not of any archive, and the next checkpoint may well succeed.
+
+
+def tar_size_bound(src_dir: Path) -> int:
+    """At most how many bytes a plain tar of ``src_dir`` takes now (compression only makes it smaller): enough to
+    choose an upload's part size before the archive exists."""
+    total = 2 * _BLOCK + _RECORD  # end-of-archive blocks and the padding of the last record
+    for top, dirnames, filenames in os.walk(src_dir):
+        total += _BLOCK * (len(dirnames) + len(filenames))  # one header each (long names: a few more, below)
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                size = os.lstat(os.path.join(top, name)).st_size
+                total += -(-size // _BLOCK) * _BLOCK + (3 * _BLOCK if len(name) > 99 else 0)
+    return total
+
+
+def _check_pack_args(src_dir: Path, compression: str) -> None:
     if compression not in _COMPRESSIONS:
         raise ArchiveError(f"unknown compression {compression!r}; expected one of {list(_COMPRESSIONS)}")
     if not src_dir.is_dir():
         raise ArchiveError(f"cannot pack {src_dir}: not a directory")
-    tmp = archive.with_name(f".{archive.name}.{secrets.token_hex(4)}.partial")
-    try:
-        with _open_tar(tmp, compression, "w") as tf:
-            for path, arcname in _walk(src_dir, skip=tmp):
-                _add(tf, path, arcname)
-        tmp.replace(archive)
-    except _CORRUPT as err:
-        raise ArchiveError(f"could not pack {src_dir} into {archive.name}: {_describe(err)}") from None
-    # An OSError (disk full, unreadable file, a file shrinking while it is read) is left as it is: it is a problem
-    # of this machine, not of any archive, and the next checkpoint may well succeed.
-    finally:
-        tmp.unlink(missing_ok=True)
-    return archive.stat().st_size
 
 
 def _open_tar(path: Path, compression: str, mode: Literal["r", "w"]) -> tarfile.TarFile:
@@ -289,7 +324,17 @@ def _open_tar(path: Path, compression: str, mode: Literal["r", "w"]) -> tarfile.
     return tarfile.TarFile.taropen(path, mode)
 
 
-def _walk(src_dir: Path, skip: Path) -> Iterator[tuple[Path, str]]:
+def _open_tar_stream(out: BinaryIO, compression: str) -> tarfile.TarFile:
+    if compression == "gz":
+        return tarfile.TarFile.gzopen(None, "w", fileobj=out, compresslevel=6)
+    if compression == "bz2":
+        return tarfile.TarFile.bz2open(None, "w", fileobj=out)  # type: ignore[call-overload,no-any-return]
+    if compression == "xz":
+        return tarfile.TarFile.xzopen(None, "w", fileobj=out)
+    return tarfile.TarFile.taropen(None, "w", fileobj=out)
+
+
+def _walk(src_dir: Path, skip: Path | None) -> Iterator[tuple[Path, str]]:
     """Every path below ``src_dir`` with its member name, parents before children, in a stable order."""
 
     def fail(err: OSError) -> None:

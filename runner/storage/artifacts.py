@@ -19,13 +19,30 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from runner.request import Artifact
-from runner.storage.archive import ArchiveError, compression_for_key, looks_like_tar, pack, unpack
-from runner.storage.base import BindsCredentials, ObjectInfo, ObjectNotFound, ObjectStore, StorageError
+from runner.storage.archive import (
+    ArchiveError,
+    compression_for_key,
+    looks_like_tar,
+    pack,
+    pack_into,
+    tar_size_bound,
+    unpack,
+)
+from runner.storage.base import (
+    BindsCredentials,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    UploadsGrowingFiles,
+)
 from runner.storage.cache import ArtifactCache
 from runner.storage.file import local_storage_error, path_of
+from runner.storage.growing import GrowingFile, PackingStopped, run_thread_to_end
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +141,38 @@ class ArtifactIO:
             await asyncio.to_thread(label_dir.parent.mkdir, parents=True, exist_ok=True)
             tmp = label_dir.parent / f".{label_dir.name}.{secrets.token_hex(4)}.upload"
             try:
+                if isinstance(store, UploadsGrowingFiles):
+                    return await self._pack_while_uploading(store, label_dir, tmp, compression_for_key(key), url)
                 size = await asyncio.to_thread(_pack_dir, label_dir, tmp, compression_for_key(key))
                 async with self._pool:
                     await store.upload(tmp, url)
                 return size
             finally:
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
+
+    async def _pack_while_uploading(
+        self, store: UploadsGrowingFiles, label_dir: Path, tmp: Path, compression: str, url: str
+    ) -> int:
+        """Pack ``label_dir`` into ``tmp`` in a worker thread while the store uploads what is already written."""
+        bound = await asyncio.to_thread(_tar_size_bound, label_dir)
+        growing = GrowingFile(tmp, size_hint=bound)
+        writer = growing.writer().open()
+
+        def pack_all() -> int:
+            try:
+                _pack_dir_into(label_dir, cast(BinaryIO, writer), compression)  # a raw binary file
+                writer.finish()
+                return writer.tell()
+            finally:
+                writer.close()
+
+        try:
+            async with self._pool, asyncio.TaskGroup() as tg:
+                packing = tg.create_task(run_thread_to_end(pack_all, growing.stop))
+                tg.create_task(store.upload_growing(growing, url))
+        except BaseExceptionGroup as group:
+            raise _cause(group) from None
+        return packing.result()
 
     async def read_status(self, artifact: Artifact, scratch: Path) -> str | None:
         """The lower-cased ``status`` of a ``_status`` artifact's ``status.json``; None if absent or unreadable.
@@ -218,6 +261,36 @@ def _pack_dir(label_dir: Path, archive: Path, compression: str) -> int:
         return pack(label_dir, archive, compression)
     with tempfile.TemporaryDirectory(dir=archive.parent) as empty:
         return pack(Path(empty), archive, compression)
+
+
+def _pack_dir_into(label_dir: Path, out: BinaryIO, compression: str) -> None:
+    if label_dir.is_dir():
+        pack_into(label_dir, out, compression)
+        return
+    with tempfile.TemporaryDirectory(dir=label_dir.parent) as empty:
+        pack_into(Path(empty), out, compression)
+
+
+def _tar_size_bound(label_dir: Path) -> int:
+    return tar_size_bound(label_dir) if label_dir.is_dir() else 0
+
+
+def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that explains a failed pack-and-upload: the packer's own failure, else the upload's."""
+    leaves: list[BaseException] = []
+
+    def flatten(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                flatten(e)
+            else:
+                leaves.append(e)
+
+    flatten(group)
+    for e in leaves:
+        if not isinstance(e, PackingStopped | asyncio.CancelledError):
+            return e
+    return leaves[0] if leaves else group
 
 
 def _strip(path: str) -> str:

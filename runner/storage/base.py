@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from runner.request import AwsCredentials
+    from runner.storage.growing import GrowingFile
 
 
 class StorageError(Exception):
@@ -59,3 +60,11 @@ class BindsCredentials(Protocol):
     """
 
     def with_credentials(self, credentials: AwsCredentials | None) -> ObjectStore: ...
+
+
+@runtime_checkable
+class UploadsGrowingFiles(Protocol):
+    """A store that can upload a file while it is still being written (an archive being packed), sending each
+    part as soon as the file holds it. ArtifactIO packs and uploads at once through stores that offer it."""
+
+    async def upload_growing(self, source: GrowingFile, url: str) -> None: ...

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import itertools
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from typing import Any, Final
 
 from runner.request import AwsCredentials
 from runner.storage.base import AccessDenied, ObjectInfo, ObjectNotFound, StorageError, TransientStorageError
+from runner.storage.growing import GrowingFile
 from runner.storage.s3_checks import (
     MULTIPART_ETAG,
     PLAIN_MD5,
@@ -47,6 +49,7 @@ from runner.storage.s3_checks import (
     Mismatch,
     bare_etag,
     check_put_etag,
+    digests_of,
     encrypted_etag,
     guess_part_size,
     hash_file_span,
@@ -89,6 +92,8 @@ _DENIED_CODES = frozenset(
         "InvalidObjectState",
     }
 )
+# How servers without additional checksums refuse ChecksumAlgorithm on CreateMultipartUpload.
+_CHECKSUMS_REFUSED = frozenset({"InvalidArgument", "InvalidRequest", "NotImplemented", "400", "501"})
 _TRANSIENT_CODES = frozenset(
     {
         "SlowDown",
@@ -346,6 +351,7 @@ class S3Store:
         self._session: Any = None
         self._clients: OrderedDict[tuple[Endpoint, tuple[str, str, str] | None], _Client] = OrderedDict()
         self._setup = asyncio.Lock()
+        self._no_checksums: set[Endpoint] = set()  # servers that refused CRC32 part checksums
         self._closed = False
 
     # -- the ObjectStore protocol (runner credentials) -------------------------------------------------------------
@@ -362,6 +368,9 @@ class S3Store:
 
     async def upload(self, src: Path, url: str) -> None:
         await self.upload_as(src, url, None)
+
+    async def upload_growing(self, source: GrowingFile, url: str) -> None:
+        await self.upload_growing_as(source, url, None)
 
     async def close(self) -> None:
         self._closed = True
@@ -400,13 +409,20 @@ class S3Store:
 
     async def upload_as(self, src: Path, url: str, credentials: AwsCredentials | None) -> None:
         """Upload the file ``src`` to ``url``, verified: Content-MD5 on every request, the resulting ETag checked."""
-        loc = self.locate(url, credentials)
         size = (await asyncio.to_thread(os.stat, src)).st_size
+        await self.upload_growing_as(GrowingFile.complete(src, size), url, credentials)
+
+    async def upload_growing_as(self, source: GrowingFile, url: str, credentials: AwsCredentials | None) -> None:
+        """Upload a file that may still be being written (see runner/storage/growing.py), verified as
+        :meth:`upload_as` does: a single request when it ends within one part, else a multipart upload whose parts
+        go as soon as the file holds them."""
+        loc = self.locate(url, credentials)
         async with self._calling(loc, credentials, "upload") as client:
-            if size <= self.part_size:
-                await self._put_single(client, loc, src, size)
+            held = await source.wait_for(self.part_size + 1)
+            if source.finished and held <= self.part_size:
+                await self._put_single(client, loc, source.path, held)
             else:
-                await self._put_multipart(client, loc, src, size)
+                await self._put_multipart(client, loc, source)
 
     async def read_bytes(self, loc: S3Location, credentials: AwsCredentials | None, limit: int) -> bytes | None:
         """A small object's bytes, or None when it does not exist; StorageError when larger than ``limit``."""
@@ -630,49 +646,83 @@ class S3Store:
         least = math.ceil(size / MAX_PARTS / MIB) * MIB
         return max(self.part_size, least)
 
-    async def _put_multipart(self, client: Any, loc: S3Location, src: Path, size: int) -> None:
-        part_size = self._part_size_for(size)
-        count = math.ceil(size / part_size)
+    async def _create_multipart(self, client: Any, loc: S3Location, part_size: int) -> tuple[Mapping[str, Any], bool]:
+        """Start a multipart upload; return the server's answer and whether its parts carry CRC32 checksums.
+
+        Parts carry a CRC32 (as the AWS SDKs send by default) besides their Content-MD5, so that the server checks
+        both and keeps a composite checksum of the object; otherwise S3 computes a full-object checksum of its own.
+        A server that does not know additional checksums (GCS interoperability, older self-hosted S3) is asked
+        again without, and remembered.
+        """
+        from botocore.exceptions import ClientError
+
+        metadata = {PART_SIZE_METADATA: str(part_size)}
+        if loc.endpoint not in self._no_checksums:
+            try:
+                async with self.pool.request():
+                    created = await client.create_multipart_upload(
+                        Bucket=loc.bucket, Key=loc.key, Metadata=metadata, ChecksumAlgorithm="CRC32"
+                    )
+                return created, True
+            except ClientError as err:
+                code, status, _ = _error_code(err)
+                if status not in (400, 501) or code not in _CHECKSUMS_REFUSED:
+                    raise
+                log.info("%s takes no CRC32 part checksums (%s): Content-MD5 only", loc.endpoint, code)
+                self._no_checksums.add(loc.endpoint)
         async with self.pool.request():
-            created = await client.create_multipart_upload(
-                Bucket=loc.bucket, Key=loc.key, Metadata={PART_SIZE_METADATA: str(part_size)}
-            )
-        upload_id = created["UploadId"]
-        etags: list[str] = [""] * count
-        digests: list[bytes] = [b""] * count
+            created = await client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key, Metadata=metadata)
+        return created, False
 
-        async def send(index: int) -> None:
-            offset = index * part_size
-            length = min(part_size, size - offset)
+    async def _put_multipart(self, client: Any, loc: S3Location, source: GrowingFile) -> None:
+        """Upload ``source`` in parts, each sent as soon as the file holds it (it may still be being written)."""
+        part_size = self._part_size_for(max(source.size_hint, source.written))
+        created, with_crc = await self._create_multipart(client, loc, part_size)
+        upload_id = str(created["UploadId"])
+        etags: dict[int, str] = {}
+        digests: dict[int, bytes] = {}
 
+        async def send(index: int, offset: int, length: int) -> None:
             async def once() -> None:
                 async with self.pool.request():
-                    digest = await asyncio.to_thread(md5_of, src, offset, length)
+                    digest = await asyncio.to_thread(digests_of, source.path, offset, length)
+                    checksum = {"ChecksumCRC32": digest.checksum_crc32} if with_crc else {}
                     response = await client.upload_part(
                         Bucket=loc.bucket,
                         Key=loc.key,
                         UploadId=upload_id,
                         PartNumber=index + 1,
-                        Body=_FilePart(src, offset, length),
-                        ContentMD5=base64.b64encode(digest).decode(),
+                        Body=_FilePart(source.path, offset, length),
+                        ContentMD5=digest.content_md5,
+                        **checksum,
                     )
-                check_put_etag(response, digest.hex(), f"{loc.url} part {index + 1}")
-                etags[index], digests[index] = str(response["ETag"]), digest
+                check_put_etag(response, digest.md5.hex(), f"{loc.url} part {index + 1}")
+                etags[index], digests[index] = str(response["ETag"]), digest.md5
 
             await with_retries(
                 once, retryable=_retryable, attempts=self.attempts, what=f"upload of {loc.url} part {index + 1}"
             )
 
         try:
-            indexes = iter(range(count))
+            indexes = itertools.count()
 
             async def send_parts() -> None:
                 for index in indexes:  # shared: each worker takes the next part
-                    await send(index)
+                    offset = index * part_size
+                    held = await source.wait_for(offset + part_size)
+                    if offset >= held and source.finished:
+                        return  # the file ended before this part
+                    if index >= MAX_PARTS:
+                        raise StorageError(
+                            f"{loc.url}: more than {MAX_PARTS} parts of {part_size} bytes; the archive grew far "
+                            f"beyond the {source.size_hint} bytes its files weighed when packing began"
+                        )
+                    await send(index, offset, min(part_size, held - offset))
 
             async with asyncio.TaskGroup() as tg:
-                for _ in range(min(count, self.parts_in_flight)):
+                for _ in range(self.parts_in_flight):
                     tg.create_task(send_parts())
+            count = len(etags)
             async with self.pool.request():
                 done = await client.complete_multipart_upload(
                     Bucket=loc.bucket,
@@ -686,7 +736,8 @@ class S3Store:
                 raise _primary(err) from None  # one part's error says it; the rest were cancelled with it
             raise
         if not encrypted_etag(created):
-            want = f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{count}"
+            joined = b"".join(digests[i] for i in range(count))
+            want = f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{count}"
             got = bare_etag(str(done.get("ETag", "")))
             if MULTIPART_ETAG.fullmatch(got) and got != want:
                 raise IntegrityError(
@@ -829,6 +880,9 @@ class BoundS3Store:
 
     async def upload(self, src: Path, url: str) -> None:
         await self.store.upload_as(src, url, self.credentials)
+
+    async def upload_growing(self, source: GrowingFile, url: str) -> None:
+        await self.store.upload_growing_as(source, url, self.credentials)
 
     async def close(self) -> None:
         """The shared store owns the connections; nothing to release here."""

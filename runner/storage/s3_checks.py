@@ -6,9 +6,11 @@ are not checked; other servers' ETags that look like neither are not checked eit
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import math
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +133,30 @@ def hash_file_span(path: Path, hasher: Hasher, start: int, end: int) -> None:
 
 def md5_of(path: Path, offset: int, length: int) -> bytes:
     """The MD5 digest of ``length`` bytes of ``path`` from ``offset`` (the part's Content-MD5)."""
+    return digests_of(path, offset, length).md5
+
+
+@dataclass(frozen=True)
+class PartDigests:
+    """What a part is sent with: its MD5 (Content-MD5, and the ETag the server must answer with) and its CRC32
+    (``x-amz-checksum-crc32``: the server checks it too and keeps the object's composite checksum)."""
+
+    md5: bytes
+    crc32: int
+
+    @property
+    def content_md5(self) -> str:
+        return base64.b64encode(self.md5).decode()
+
+    @property
+    def checksum_crc32(self) -> str:
+        return base64.b64encode(self.crc32.to_bytes(4, "big")).decode()
+
+
+def digests_of(path: Path, offset: int, length: int) -> PartDigests:
+    """The MD5 and CRC32 of ``length`` bytes of ``path`` from ``offset``, read once."""
     md5 = hashlib.md5(usedforsecurity=False)
+    crc = 0
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         remaining = length
@@ -140,8 +165,9 @@ def md5_of(path: Path, offset: int, length: int) -> bytes:
             if not chunk:
                 raise OSError(f"{path} shrank while it was uploaded: {offset + length - remaining} of {length} bytes")
             md5.update(chunk)
+            crc = zlib.crc32(chunk, crc)
             remaining -= len(chunk)
-    return md5.digest()
+    return PartDigests(md5.digest(), crc)
 
 
 def check_put_etag(response: Mapping[str, Any], md5_hex: str, what: str) -> None:

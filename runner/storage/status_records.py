@@ -10,7 +10,8 @@ studio-go-runner the client saw "waiting" forever. This runner updates the recor
 * after each checkpoint upload: ``time_last_checkpoint``;
 * finished: ``status`` "finished" and ``time_finished`` once the experiment is over for good (succeeded, failed,
   expired or stopped), or back to "waiting" when its message goes back to the queue (interrupted, or an
-  infrastructure error that will be retried).
+  infrastructure error that will be retried) — and "finished" after all when that message is dead-lettered
+  instead, having used up its deliveries.
 
 Each update reads the record, changes those fields and writes it back, leaving every other field as the client
 wrote it. A record that does not exist (the client deleted the experiment) is not recreated. This is bookkeeping:
@@ -52,6 +53,9 @@ class ExperimentRecord:
     async def finished(self, outcome: Outcome) -> None:
         """The experiment ended with ``outcome`` and its final uploads are done."""
 
+    async def dead_lettered(self, outcome: Outcome) -> None:
+        """The experiment's message was dead-lettered after ``outcome``: it will not run again."""
+
 
 class _S3Record(ExperimentRecord):
     def __init__(
@@ -78,6 +82,12 @@ class _S3Record(ExperimentRecord):
             await self._update("finished", {"status": "finished", "time_finished": now, "time_last_checkpoint": now})
         else:
             await self._update("requeued", {"status": "waiting", "time_last_checkpoint": now})
+
+    async def dead_lettered(self, outcome: Outcome) -> None:
+        # An outcome that would have been retried (and so set the record back to "waiting") ran out of deliveries:
+        # nobody will pick the experiment up again, so the client must not show it waiting for ever.
+        if outcome not in _FINISHED:
+            await self._update("dead-lettered", {"status": "finished", "time_finished": time.time()})
 
     async def _update(self, event: str, changes: Mapping[str, Any]) -> None:
         try:

@@ -150,6 +150,17 @@ class Sandbox:
         assert result.returncode == 0, result.stderr
         return result.stdout.split()[2]  # "queued experiment <key> on ..."
 
+    def command(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """``python -m runner <args>`` (show, stop, check, ...) with this sandbox's environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "runner", *args],
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=self.root,
+        )
+
     def start(self, *args: str, **env: str) -> RunnerProcess:
         port = free_port()
         log = self.root / f"runner-{len(self.runners)}.log"

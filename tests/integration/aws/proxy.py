@@ -2,12 +2,14 @@
 
 It is a test instrument, not a stand-in for S3: every request goes to moto and every answer comes from moto; the
 proxy only flips a byte in, or cuts short, the bodies of object GETs when a test asks it to, to show what the store
-does with bytes that were damaged on the way.
+does with bytes that were damaged on the way; or it refuses additional checksums as some S3-compatible servers do,
+or answers 503 to everything for a while.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -15,6 +17,14 @@ from aiohttp import web
 
 from tests.integration.conftest import free_port
 
+_INVALID_ARGUMENT = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidArgument</Code>'
+    b"<Message>x-amz-checksum-algorithm is not supported</Message></Error>"
+)
+_UNAVAILABLE = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+    b"<Message>Service Unavailable</Message></Error>"
+)
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
 
 
@@ -23,6 +33,11 @@ class DamagingProxy:
     upstream: str
     corrupt: int = 0  # how many of the next object GETs get one byte flipped
     truncate: int = 0  # how many of the next object GETs end half-way, the connection closed
+    # Answer CreateMultipartUpload requests that ask for an additional checksum as a server without them does.
+    refuse_checksums: bool = False
+    checksums_refused: int = 0
+    # Answer every request with 503, as a service in trouble does, until switched back.
+    unavailable: bool = False
     object_gets: int = 0
     port: int = field(default_factory=free_port)
     _runner: web.AppRunner | None = None
@@ -49,10 +64,15 @@ class DamagingProxy:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()
+        if self.unavailable:
+            return web.Response(status=503, content_type="application/xml", body=_UNAVAILABLE)
+        if self.refuse_checksums and "uploads" in request.query and "x-amz-checksum-algorithm" in request.headers:
+            self.checksums_refused += 1
+            return web.Response(status=400, content_type="application/xml", body=_INVALID_ARGUMENT)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers["Host"] = request.headers.get("Host", self.host)
         async with self._session.request(
-            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=body
+            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=io.BytesIO(body)
         ) as upstream:
             payload = await upstream.read()
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import signal
 import tarfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 
 from runner.config import load_settings
 from runner.queues.matcher import QueueMatcher
@@ -93,6 +95,27 @@ def test_an_experiment_from_an_sqs_queue_with_s3_artifacts_runs_end_to_end(sandb
     [finished] = events(runner, "experiment finished")
     assert finished["outcome"] == "succeeded" and finished["attempt"] == 1
 
+    shown = sandbox.command("show", key, "--s3-url", f"s3://{moto.host}/{bucket}", **moto.env())
+    assert shown.returncode == 0, shown.stderr
+    assert f"== {key} status: finished ==" in shown.stdout and "hello from sqs" in shown.stdout
+    assert '"outcome": "succeeded"' in shown.stdout
+    stopped = sandbox.command("stop", key, "--s3-url", f"s3://{moto.host}/{bucket}", **moto.env())
+    assert stopped.returncode == 0, stopped.stderr
+    status = member(s3, bucket, f"experiments/{key}/_status.tar", "status.json") or "{}"
+    assert json.loads(status)["status"] == "stopped"
+
+
+def test_show_and_stop_name_what_is_wrong_with_an_s3_url_or_a_missing_experiment(sandbox: Sandbox, moto: Moto) -> None:
+    bucket = unique("show")
+    client(moto, "s3").create_bucket(Bucket=bucket)
+
+    missing = sandbox.command("show", "no-such-key", "--s3-url", f"s3://{moto.host}/{bucket}", **moto.env())
+    assert missing.returncode == 1 and f"nothing stored for no-such-key in s3://{moto.host}/{bucket}" in missing.stderr
+    no_key = sandbox.command("show", "--s3-url", f"s3://{moto.host}/{bucket}", **moto.env())
+    assert no_key.returncode == 2 and "give the experiment key" in no_key.stderr
+    bad_url = sandbox.command("stop", "k", "--s3-url", "s3://", **moto.env())
+    assert bad_url.returncode == 2 and "--s3-url" in bad_url.stderr
+
 
 def test_a_run_longer_than_the_visibility_timeout_is_delivered_to_one_runner_only(sandbox: Sandbox, moto: Moto) -> None:
     queue, bucket = queue_name("sqs_long"), unique("long")
@@ -141,8 +164,9 @@ def test_an_invalid_request_lands_in_the_dead_letter_queue_with_its_reason(sandb
 
 
 async def test_an_experiment_reaching_the_lease_ceiling_is_interrupted_renewed_and_resumed(
-    moto: Moto, tmp_path: Path, env_cache: Path
+    moto: Moto, tmp_path: Path, env_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="runner.service")
     queue, bucket = queue_name("sqs_ceiling"), unique("ceiling")
     s3, sqs = client(moto, "s3"), client(moto, "sqs")
     s3.create_bucket(Bucket=bucket)
@@ -187,7 +211,9 @@ async def test_an_experiment_reaching_the_lease_ceiling_is_interrupted_renewed_a
     }
     url = sqs.create_queue(QueueName=queue)["QueueUrl"]
     sqs.send_message(QueueUrl=url, MessageBody=json.dumps(request))
-    environ = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")}
+    # This machine's settings (CA bundles, package indexes) but none of its AWS credentials, as the Sandbox does.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_", "AWS_"))}
+    environ["HOME"] = str(tmp_path)
     settings = load_settings(
         [
             "--working-dir", str(tmp_path / "work"), "--queue-root", str(tmp_path / "queue"),
@@ -221,4 +247,7 @@ async def test_an_experiment_reaching_the_lease_ceiling_is_interrupted_renewed_a
     assert "resumed from epoch 1" in output
     results = json.loads(member(s3, bucket, "experiments/ceiling-1/_results.tar", "_results.json") or "{}")
     assert results["outcome"] == "succeeded" and results["attempt"] == 1  # the renewal is not a new attempt
+    legs = [r for r in caplog.records if r.getMessage() == "experiment finished"]
+    assert [getattr(r, "outcome", "") for r in legs] == ["interrupted", "succeeded"]
+    assert "12-hour SQS lease limit" in getattr(legs[0], "reason", "")  # not "the runner is shutting down"
     assert depth(sqs, url) == (0, 0)

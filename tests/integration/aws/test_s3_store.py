@@ -3,8 +3,10 @@ caught, and errors that name the artifact."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import AccessDenied, ObjectNotFound, TransientStorageError
 from runner.storage.cache import ArtifactCache
 from runner.storage.file import FileStore
+from runner.storage.growing import GrowingFile
 from runner.storage.s3 import PART_SIZE_METADATA, S3Store
 from runner.storage.s3_checks import IntegrityError
 from runner.storage.transfer import TransferPool
@@ -88,6 +91,76 @@ async def test_a_20_mib_file_goes_up_in_checked_parts_and_comes_back_by_ranges_w
     assert info.size == src.stat().st_size
     assert info.etag.startswith(f"{moto.url}/{bucket}#") and info.etag.endswith("-3")
     assert no_leftovers(dest.parent) == []
+
+
+async def test_a_file_still_being_written_goes_up_part_by_part_before_its_writer_finishes(
+    moto: Moto, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    store = S3Store(pool=TransferPool(max_requests=8), part_size=5 * MIB)
+    src = tmp_path / "growing.tar"
+    growing = GrowingFile(src, size_hint=16 * MIB)
+    writer = growing.writer(step=MIB).open()
+    payload = os.urandom(16 * MIB + 4321)
+    release = threading.Event()
+
+    def write() -> None:
+        try:
+            writer.write(payload[: 10 * MIB + 1])  # two whole parts and a byte of the third
+            release.wait(30)
+            writer.write(payload[10 * MIB + 1 :])
+            writer.finish()
+        finally:
+            writer.close()
+
+    key = "growing/ckpt.tar"
+    url = moto.s3_url(bucket, key)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(asyncio.to_thread(write))
+            tg.create_task(store.with_credentials(creds(moto)).upload_growing(growing, url))
+            uploaded = await parts_uploaded(s3, bucket, key, at_least=2)
+            assert not growing.finished and uploaded == [1, 2]  # sent while the file was still being written
+            release.set()
+    finally:
+        release.set()
+        await store.close()
+
+    head = await s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    assert head["ETag"].strip('"').endswith("-4")
+    assert head["ContentLength"] == len(payload)
+    assert "ChecksumCRC32" in head  # every part carried its CRC32 as well as its Content-MD5
+    body = await (await s3.get_object(Bucket=bucket, Key=key))["Body"].read()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(payload).digest()
+
+
+async def parts_uploaded(s3: Any, bucket: str, key: str, at_least: int) -> list[int]:
+    for _ in range(300):
+        uploads = (await s3.list_multipart_uploads(Bucket=bucket)).get("Uploads", [])
+        for upload in uploads:
+            if upload["Key"] == key:
+                parts = await s3.list_parts(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                numbers = sorted(p["PartNumber"] for p in parts.get("Parts", []))
+                if len(numbers) >= at_least:
+                    return numbers
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {at_least} parts of {key} were uploaded")
+
+
+async def test_a_server_that_refuses_part_checksums_gets_content_md5_alone_and_is_remembered(
+    moto: Moto, s3: Any, bucket: str, store: S3Store, proxy: DamagingProxy, tmp_path: Path
+) -> None:
+    proxy.refuse_checksums = True
+    src = tmp_path / "big.bin"
+    digest = random_file(src, 9 * MIB)
+    bound = store.with_credentials(creds(moto))
+
+    await bound.upload(src, f"s3://{proxy.host}/{bucket}/a.bin")
+    await bound.upload(src, f"s3://{proxy.host}/{bucket}/b.bin")
+
+    assert proxy.checksums_refused == 1  # asked once, then remembered for this server
+    for key in ("a.bin", "b.bin"):
+        body = await (await s3.get_object(Bucket=bucket, Key=key))["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest
 
 
 async def test_a_small_file_is_one_put_and_round_trips(moto: Moto, bucket: str, store: S3Store, tmp_path: Path) -> None:

@@ -16,8 +16,16 @@ import pytest
 
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
-from runner.queues.sqs import ATTEMPTS_ATTRIBUTE, DEAD_ATTEMPT_ATTRIBUTE, REASON_ATTRIBUTE, SqsBroker, SqsDelivery
+from runner.queues.sqs import (
+    ATTEMPTS_ATTRIBUTE,
+    DEAD_ATTEMPT_ATTRIBUTE,
+    REASON_ATTRIBUTE,
+    LeaseLost,
+    SqsBroker,
+    SqsDelivery,
+)
 from tests.integration.aws.conftest import REGION, Moto, aws_client, unique, write_account
+from tests.integration.aws.proxy import DamagingProxy
 
 
 class Slots:
@@ -335,3 +343,97 @@ async def test_publish_creates_the_queue_and_sends_the_body_as_the_studioml_clie
     [message] = await all_messages(sqs, url)
     assert message["MessageId"] == message_id and message["Body"] == '{"experiment": {"key": "k"}}'
     assert "MessageAttributes" not in message
+
+
+# -- FIFO queues -------------------------------------------------------------------------------------------------------
+
+
+async def make_fifo_queues(sqs: Any, name: str) -> tuple[str, str]:
+    """``<name>.fifo`` with ``<name>_dead.fifo`` as its redrive target (a FIFO queue's DLQ must be FIFO too)."""
+    fifo = {"FifoQueue": "true", "ContentBasedDeduplication": "false"}
+    dead = await make_queue(sqs, f"{name}_dead.fifo", **fifo)
+    arn = (await sqs.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"]))["Attributes"]["QueueArn"]
+    policy = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "5"})
+    return await make_queue(sqs, f"{name}.fifo", RedrivePolicy=policy, **fifo), dead
+
+
+async def test_a_fifo_queue_is_served_and_its_renewal_and_dead_letter_copies_keep_the_message_group(
+    moto: Moto, sqs: Any, certs: Path, prefix: str
+) -> None:
+    url, dead = await make_fifo_queues(sqs, f"{prefix}_ordered")
+    for n in (1, 2):
+        await sqs.send_message(
+            QueueUrl=url, MessageBody=f'{{"n": {n}}}', MessageGroupId="team-a", MessageDeduplicationId=f"m{n}"
+        )
+    # A 4 s "ceiling" with a 2 s margin stands in for SQS's 12 h and the default 30 min.
+    async with broker_for(moto, certs, prefix, visibility=3, max_hold=4, renew_margin=2) as broker:
+        queues = await broker.discover()
+        assert [q.name for q in queues] == [f"{prefix}_ordered.fifo"]  # its dead-letter queue is not consumed
+        leg = await receive_one(broker, queues[0])
+        assert leg.body == b'{"n": 1}' and leg.group_id == "team-a"
+        while not leg.lease_ending.is_set():
+            await leg.keep_alive()
+            await asyncio.sleep(0.25)
+        await leg.requeue(delay=0)  # renewal: a new message in the same group, with a fresh deduplication id
+        renewed = await receive_one(broker, queues[0], timeout=5)
+        assert renewed.message_id != leg.message_id and renewed.group_id == "team-a"
+        assert renewed.body in (b'{"n": 1}', b'{"n": 2}')
+        await renewed.dead_letter("invalid request: for the test")
+
+    [message] = await all_messages(sqs, dead)
+    assert message["Body"] == renewed.body.decode()
+    assert message["MessageAttributes"][REASON_ATTRIBUTE]["StringValue"] == "invalid request: for the test"
+    assert (await counts(sqs, url))[0] == 1  # the other message is still there: nothing lost
+
+
+# -- trouble -----------------------------------------------------------------------------------------------------------
+
+
+async def test_failing_receives_back_off_and_the_message_is_delivered_once_sqs_answers_again(
+    moto: Moto, sqs: Any, certs: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="runner.queues.sqs")
+    url = await make_queue(sqs, f"{prefix}_unsteady")
+    await sqs.send_message(QueueUrl=url, MessageBody='{"k": 1}')
+    proxy = DamagingProxy(moto.url)
+    await proxy.start()
+    try:
+        broker = SqsBroker(
+            QueueMatcher.from_strings(f"^{prefix}"), certs_dir=certs, endpoint_url=f"http://{proxy.host}", wait=1
+        )
+        async with broker:
+            queue = ref(await broker.discover(), f"{prefix}_unsteady")
+            proxy.unavailable = True
+            consumer = broker.consume(queue, Slots(1))
+            try:
+                receiving = asyncio.ensure_future(anext(consumer))
+                for _ in range(300):
+                    failures = [r for r in caplog.records if "receive failed" in r.getMessage()]
+                    if len(failures) >= 2:
+                        break
+                    await asyncio.sleep(0.1)
+                assert "trying again in 1s" in failures[0].getMessage()
+                assert "trying again in 2s" in failures[1].getMessage()  # backing off, not hammering
+                assert not receiving.done()
+                proxy.unavailable = False
+                async with asyncio.timeout(30):
+                    delivery = await receiving
+            finally:
+                receiving.cancel()
+                await consumer.aclose()
+            assert delivery.body == b'{"k": 1}' and delivery.attempt == 1
+            await delivery.ack()
+    finally:
+        await proxy.close()
+    assert await counts(sqs, url) == (0, 0)
+
+
+async def test_a_lease_taken_away_is_reported_as_lost(moto: Moto, sqs: Any, broker: SqsBroker, prefix: str) -> None:
+    url = await make_queue(sqs, f"{prefix}_taken")
+    await sqs.send_message(QueueUrl=url, MessageBody="{}")
+    queue = ref(await broker.discover(), f"{prefix}_taken")
+    delivery = await receive_one(broker, queue)
+    await sqs.delete_message(QueueUrl=url, ReceiptHandle=delivery._receipt)  # e.g. an operator purged the queue
+
+    with pytest.raises(LeaseLost, match="lease on message .* was lost"):
+        await delivery.keep_alive()

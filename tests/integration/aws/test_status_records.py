@@ -63,6 +63,21 @@ async def test_the_record_goes_running_then_finished_keeping_the_clients_fields(
     assert (await read())["status"] == "waiting"
 
 
+async def test_an_experiment_dead_lettered_after_retryable_failures_is_finished_not_waiting_for_ever(
+    moto: Moto, s3: Any, bucket: str, records: StatusRecords
+) -> None:
+    await s3.put_object(Bucket=bucket, Key="experiments/exp-2", Body=json.dumps({"status": "waiting"}))
+    record = records.for_request(request("exp-2", database(moto, bucket)))
+
+    await record.started()
+    await record.finished(Outcome.INFRASTRUCTURE)  # would be retried...
+    await record.dead_lettered(Outcome.INFRASTRUCTURE)  # ...but its deliveries ran out
+
+    body = await (await s3.get_object(Bucket=bucket, Key="experiments/exp-2"))["Body"].read()
+    document = json.loads(body)
+    assert document["status"] == "finished" and document["time_finished"] >= document["time_started"]
+
+
 async def test_a_deleted_record_is_not_recreated(
     moto: Moto, s3: Any, bucket: str, records: StatusRecords, caplog: pytest.LogCaptureFixture
 ) -> None:
