@@ -6,6 +6,7 @@ one module implementing a protocol (runner/queues/base.py, runner/storage/base.p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 
@@ -20,6 +21,8 @@ from runner.storage.s3 import S3Store
 from runner.storage.s3_endpoints import TlsOptions
 from runner.storage.status_records import StatusRecords
 from runner.storage.transfer import TransferPool
+
+log = logging.getLogger(__name__)
 
 
 async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker]:
@@ -56,7 +59,12 @@ async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker
 
 def make_stores(settings: Settings) -> dict[str, ObjectStore]:
     """Object stores by URL scheme."""
-    stores: dict[str, ObjectStore] = {"file": FileStore()}
+    stores: dict[str, ObjectStore] = {"file": FileStore(settings.file_roots)}
+    if not settings.file_roots and (settings.amqp_url or settings.sqs_certs or settings.aws_region):
+        log.warning(
+            "file:// artifacts may name any path this runner can read or write; with a shared broker, limit them "
+            "with --file-roots (or FILE_ROOTS)"
+        )
     stores["s3"] = S3Store(
         pool=TransferPool(settings.transfer_concurrency),
         default_region=settings.aws_region,

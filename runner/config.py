@@ -55,6 +55,7 @@ class Settings:
     queue_mismatch: str
     cache_dir: Path
     cache_size: int  # bytes; 0 disables the artifact cache
+    file_roots: tuple[Path, ...]  # file:// artifacts only below these; () = anywhere
     env_cache_dir: Path
     env_cache_size: int  # bytes; 0 = unbounded
     max_cores: int  # 0 = all logical CPUs
@@ -255,6 +256,10 @@ def _path(text: str, environ: Mapping[str, str]) -> Path:
 
 def _optional_dir(text: str, environ: Mapping[str, str]) -> Path | None:
     return _path(text, environ) if text.strip() else None
+
+
+def _dir_list(text: str, environ: Mapping[str, str]) -> tuple[Path, ...]:
+    return tuple(_path(part.strip(), environ) for part in text.split(",") if part.strip())
 
 
 def _optional_file(text: str, environ: Mapping[str, str]) -> Path | None:
@@ -499,6 +504,17 @@ _OPTIONS: tuple[_Option, ...] = (
         "root of the experiment directories; its filesystem is the one --max-disk accounts for",
         metavar="DIR",
         shown_default="<user cache>/studio-runner/work",
+    ),
+    _Option(
+        "file-roots",
+        _STORAGE,
+        _dir_list,
+        "",
+        "comma-separated directories, or empty",
+        "file:// artifacts may only name paths below these directories (symlinks followed); empty = any path the "
+        "runner can read or write, which suits a workstation but not a runner fed by a shared broker",
+        metavar="DIR,...",
+        blank_is_value=True,
     ),
     _Option(
         "cache-dir",

@@ -357,7 +357,7 @@ class Runner:
         extra["key"] = key
         # A broker whose lease has a ceiling (SQS: 12 h) sets the delivery's ``lease_ending`` before it is reached:
         # the experiment is then interrupted as in a drain, and the broker renews the message when it is requeued.
-        lease_ending: asyncio.Event | None = getattr(delivery, "lease_ending", None)
+        lease_ending = delivery.lease_ending
         interrupt = asyncio.Event() if lease_ending is not None else self._interrupt
         experiment = Experiment(
             request,

@@ -21,9 +21,9 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from platformdirs import user_data_path
 
@@ -33,6 +33,8 @@ from runner.queues.matcher import QueueMatcher
 from runner.queues.rabbitmq import AmqpEndpoint, BrokerUnavailable, redact_url, submit_request
 from runner.storage.archive import pack
 from runner.storage.file import file_url
+
+T = TypeVar("T")
 
 MUTABLE_ARTIFACTS = ("modeldir", "retval", "output", "tb", "_metrics", "_metadata", "_results", "_status")
 DEFAULT_QUEUE = "local_default"
@@ -278,21 +280,15 @@ def show(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def _show_s3(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from runner.storage.base import StorageError
-    from runner.submit_aws import SubmitError, fetch_results
+    from runner.submit_aws import fetch_results
 
     if not ns.key:
         print("show: give the experiment key (submit printed it) to read it from --s3-url", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="studio-show-") as tmp:
-        try:
-            found = fetch_results(ns.s3_url, ns.key, Path(tmp), environ)
-        except SubmitError as err:
-            print(f"show: {err}", file=sys.stderr)
-            return 2
-        except StorageError as err:
-            print(f"show: {err}", file=sys.stderr)
-            return 1
+        found = _s3_call("show", lambda: fetch_results(ns.s3_url, ns.key, Path(tmp), environ))
+        if isinstance(found, int):
+            return found
         results = _read_member(found["_results"], "_results.json") if "_results" in found else None
         output = _read_member(found["output"], "output") if "output" in found else None
     record = found.get("record")
@@ -303,6 +299,21 @@ def _show_s3(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print(f"== {ns.key} status: {record.get('status', 'unknown')} ==")
     _print_results(ns.key, output, results)
     return 0
+
+
+def _s3_call(command: str, call: Callable[[], T]) -> T | int:
+    """``call()``, or the exit status after printing why it failed: 2 for a bad --s3-url, 1 for storage errors."""
+    from runner.storage.base import StorageError
+    from runner.submit_aws import SubmitError
+
+    try:
+        return call()
+    except SubmitError as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        return 2
+    except StorageError as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        return 1
 
 
 def _print_results(key: str, output: str | None, results: str | None) -> None:
@@ -331,20 +342,14 @@ def stop(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def _stop_s3(ns: argparse.Namespace, payload: bytes, environ: Mapping[str, str]) -> int:
-    from runner.storage.base import StorageError
-    from runner.submit_aws import SubmitError, put_status
+    from runner.submit_aws import put_status
 
     with tempfile.TemporaryDirectory(prefix="studio-stop-") as tmp:
         archive = Path(tmp) / "_status.tar"
         _write_status(archive, payload)
-        try:
-            put_status(ns.s3_url, ns.key, archive, environ)
-        except SubmitError as err:
-            print(f"stop: {err}", file=sys.stderr)
-            return 2
-        except StorageError as err:
-            print(f"stop: {err}", file=sys.stderr)
-            return 1
+        failed = _s3_call("stop", lambda: put_status(ns.s3_url, ns.key, archive, environ))
+        if isinstance(failed, int):
+            return failed
     print(f"asked {ns.key} to stop (the runner checks _status every --status-interval)")
     return 0
 

@@ -11,6 +11,7 @@ takes a message that could not start now.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,6 +47,11 @@ class Delivery(Protocol):
     attempt: int  # 1 on first delivery
     message_id: str
     lease_interval: float | None  # call keep_alive this often; None when the broker needs no lease
+
+    @property
+    def lease_ending(self) -> asyncio.Event | None:
+        """Set by a broker whose leases have a ceiling (SQS: 12 h after receipt) shortly before it is reached: the
+        experiment is then interrupted as in a drain, and its requeue renews the message. None: no ceiling."""
 
     async def ack(self) -> None: ...
 

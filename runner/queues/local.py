@@ -246,6 +246,7 @@ class LocalDelivery:
         self.attempt = attempt
         self.message_id = stem
         self.lease_interval: float | None = None  # a claimed file cannot be taken by anyone else: no lease
+        self.lease_ending: asyncio.Event | None = None
         self._root = root
         self._runner_id = runner_id
         self._claimed = claimed  # already carries the next-attempt name

@@ -633,6 +633,7 @@ class RabbitDelivery:
         # There is no lease to extend (the held copy waits as long as needed); keep_alive checks that it is still
         # ours, so that a long disconnection shows up in the lease metrics while the experiment runs.
         self.lease_interval: float | None = lease_interval
+        self.lease_ending: asyncio.Event | None = None  # held copies have no lease ceiling
         self._broker = broker
         self._settlement: _Settlement | None = None
 

@@ -295,14 +295,23 @@ def pack_into(src_dir: Path, out: BinaryIO, compression: str, *, skip: Path | No
 
 def tar_size_bound(src_dir: Path) -> int:
     """At most how many bytes a plain tar of ``src_dir`` takes now (compression only makes it smaller): enough to
-    choose an upload's part size before the archive exists."""
+    choose an upload's part size before the archive exists.
+
+    Each entry is counted as its data plus a header of three blocks and its path's length again: room for a pax
+    extended header (long or non-ASCII paths, long link targets) on top of the ustar one.
+    """
     total = 2 * _BLOCK + _RECORD  # end-of-archive blocks and the padding of the last record
     for top, dirnames, filenames in os.walk(src_dir):
-        total += _BLOCK * (len(dirnames) + len(filenames))  # one header each (long names: a few more, below)
-        for name in filenames:
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(top, name)
+            names = len(os.fsencode(os.path.relpath(path, src_dir)))
             with contextlib.suppress(OSError):
-                size = os.lstat(os.path.join(top, name)).st_size
-                total += -(-size // _BLOCK) * _BLOCK + (3 * _BLOCK if len(name) > 99 else 0)
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    names += len(os.fsencode(os.readlink(path)))
+                elif stat.S_ISREG(st.st_mode):
+                    total += -(-st.st_size // _BLOCK) * _BLOCK
+            total += _BLOCK * (3 + (names + 256) // _BLOCK)
     return total
 
 
@@ -358,6 +367,9 @@ def _add(tf: tarfile.TarFile, path: Path, arcname: str) -> None:
             log.warning("not archiving %s: only files, directories and symlinks are kept", path)
             return
         tarinfo = tf.gettarinfo(str(path), arcname)
+        # Whole seconds, as the StudioML client's archives have them: a fractional mtime costs every member a pax
+        # extended header (two more blocks, more than the data of many small files).
+        tarinfo.mtime = int(tarinfo.mtime)
         if tarinfo.isreg():
             with open(path, "rb") as f:
                 tf.addfile(tarinfo, f)

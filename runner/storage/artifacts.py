@@ -43,6 +43,7 @@ from runner.storage.base import (
 from runner.storage.cache import ArtifactCache
 from runner.storage.file import local_storage_error, path_of
 from runner.storage.growing import GrowingFile, PackingStopped, run_thread_to_end
+from runner.storage.transfer import leaf_errors
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,11 @@ class ArtifactIO:
         """Pack ``label_dir`` into ``tmp`` in a worker thread while the store uploads what is already written."""
         bound = await asyncio.to_thread(_tar_size_bound, label_dir)
         growing = GrowingFile(tmp, size_hint=bound)
-        writer = growing.writer().open()
+        writer = growing.writer()
 
         def pack_all() -> int:
             try:
+                writer.open()
                 _pack_dir_into(label_dir, cast(BinaryIO, writer), compression)  # a raw binary file
                 writer.finish()
                 return writer.tell()
@@ -277,16 +279,7 @@ def _tar_size_bound(label_dir: Path) -> int:
 
 def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that explains a failed pack-and-upload: the packer's own failure, else the upload's."""
-    leaves: list[BaseException] = []
-
-    def flatten(g: BaseExceptionGroup[BaseException]) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                flatten(e)
-            else:
-                leaves.append(e)
-
-    flatten(group)
+    leaves = leaf_errors(group)
     for e in leaves:
         if not isinstance(e, PackingStopped | asyncio.CancelledError):
             return e

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, unquote_to_bytes
@@ -58,21 +59,42 @@ def etag_of(st: os.stat_result) -> str:
 
 
 class FileStore:
-    """ObjectStore for ``file://`` URLs."""
+    """ObjectStore for ``file://`` URLs, limited to paths below ``roots`` when any are given.
+
+    A request names its artifacts' URLs, so without roots any file this runner can read may be downloaded into an
+    experiment and any path it can write may be overwritten by an upload: fine on a researcher's own machine, not
+    on a runner fed by a shared broker. Paths are checked after following symlinks.
+    """
 
     scheme = "file"
 
+    def __init__(self, roots: Sequence[Path] = ()) -> None:
+        self.roots = tuple(Path(os.path.realpath(root)) for root in roots)
+
     async def stat(self, url: str) -> ObjectInfo:
-        path = path_of(url)
+        path = self._allowed(url)
         return await asyncio.to_thread(_stat, url, path)
 
     async def download(self, url: str, dest: Path) -> ObjectInfo:
-        path = path_of(url)
+        path = self._allowed(url)
         return await asyncio.to_thread(_download, url, path, dest)
 
     async def upload(self, src: Path, url: str) -> None:
-        path = path_of(url)
+        path = self._allowed(url)
         await asyncio.to_thread(_upload, src, url, path)
+
+    def _allowed(self, url: str) -> Path:
+        path = path_of(url)
+        if not self.roots:
+            return path
+        # realpath does not touch the disk for components that do not exist yet (an upload's new directories).
+        real = Path(os.path.realpath(path))
+        if any(real == root or root in real.parents for root in self.roots):
+            return path
+        allowed = ", ".join(str(root) for root in self.roots)
+        raise AccessDenied(
+            f"{url}: {real} is outside the directories file:// artifacts may use (--file-roots {allowed})"
+        )
 
     async def close(self) -> None:
         """Nothing to release: every operation opens and closes its own files."""

@@ -62,6 +62,12 @@ def extract(tf: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo], 
     for member in files:
         groups[posixpath.dirname(_normal(member.name))].append(member)
     root = os.fspath(dest)
+    real_root = os.path.realpath(root)
+    # Every parent is checked before any is made: a symlink already in ``dest`` must not lead makedirs outside.
+    for parent in groups:
+        real = os.path.realpath(os.path.join(root, parent))
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise tarfile.OutsideDestinationError(groups[parent][0], real)
     for parent in sorted(groups):  # parents before children
         if parent:
             os.makedirs(os.path.join(root, parent), exist_ok=True)

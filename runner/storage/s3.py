@@ -56,7 +56,7 @@ from runner.storage.s3_checks import (
     md5_of,
 )
 from runner.storage.s3_endpoints import SCHEME, Endpoint, S3Location, TlsOptions, describe_credentials, locate
-from runner.storage.transfer import TransferPool, with_retries
+from runner.storage.transfer import TransferPool, leaf_errors, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -286,16 +286,7 @@ def _create_sized(path: Path, size: int) -> None:
 
 def _primary(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that explains a failed group of transfers: a changed object first, else the first real failure."""
-    leaves: list[BaseException] = []
-
-    def flatten(g: BaseExceptionGroup[BaseException]) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                flatten(e)
-            else:
-                leaves.append(e)
-
-    flatten(group)
+    leaves = leaf_errors(group)
     for wanted in (_Changed, Exception):
         for e in leaves:
             if isinstance(e, wanted):

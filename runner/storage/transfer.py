@@ -59,3 +59,14 @@ async def with_retries(
             log.info("%s failed (attempt %d of %d), trying again in %.2fs: %s", what, attempt, attempts, delay, err)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """Every error inside ``group`` and its nested groups, in order: what failed in a TaskGroup of transfers."""
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            leaves.extend(leaf_errors(error))
+        else:
+            leaves.append(error)
+    return leaves

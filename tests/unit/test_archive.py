@@ -16,7 +16,9 @@ from runner.storage.archive import (
     compression_for_key,
     looks_like_tar,
     pack,
+    pack_into,
     sniff_compression,
+    tar_size_bound,
     unpack,
 )
 
@@ -265,3 +267,83 @@ def test_pack_skips_fifos_so_the_archive_stays_unpackable(tmp_path: Path) -> Non
     pack(src, tmp_path / "o.tar", "")
     unpack(tmp_path / "o.tar", tmp_path / "dest")
     assert [p.name for p in (tmp_path / "dest").iterdir()] == ["f.txt"]
+
+
+# -- packing into an open file, and the size bound --------------------------------------------------------------------
+
+
+def member_list(tf: tarfile.TarFile) -> list[tuple[str, bytes, int, int, float, str, bytes]]:
+    listed = []
+    for m in tf.getmembers():
+        data = tf.extractfile(m).read() if m.isreg() else b""  # type: ignore[union-attr]
+        listed.append((m.name, m.type, m.size, m.mode, m.mtime, m.linkname, data))
+    return listed
+
+
+@pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+def test_pack_into_an_open_file_writes_the_same_members_as_pack(tmp_path: Path, compression: str) -> None:
+    src = make_tree(tmp_path / "src")
+    pack(src, tmp_path / "packed.tar", compression)
+    out = io.BytesIO()
+
+    pack_into(src, out, compression)
+
+    (tmp_path / "into.tar").write_bytes(out.getvalue())
+    assert sniff_compression(tmp_path / "into.tar") == compression
+    with tarfile.open(tmp_path / "packed.tar") as packed, tarfile.open(tmp_path / "into.tar") as into:
+        written = member_list(into)
+        assert written == member_list(packed)
+    names = ["a.txt", "empty", "link", "sub", "sub/b.bin", "sub/deeper", "sub/deeper/c.txt"]
+    assert sorted(name for name, *_ in written) == names
+
+
+def test_pack_into_refuses_an_unknown_compression_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    out = io.BytesIO()
+    with pytest.raises(ArchiveError, match="unknown compression"):
+        pack_into(tmp_path / "src", out, "zstd")
+    assert out.getvalue() == b""
+
+
+def bound_tree(root: Path) -> Path:
+    """Small files, an empty one, a long name and a long path, nested directories, a symlink."""
+    deep = root / "nested" / ("directory-" * 6) / ("deeper-" * 6)
+    deep.mkdir(parents=True)
+    for i in range(40):
+        (root / "nested" / f"small{i}.txt").write_bytes(b"s" * (i * 13))
+    (root / "empty").write_bytes(b"")
+    (root / ("long-file-name-" * 10 + ".txt")).write_text("long name")
+    (deep / "x.txt").write_text("the path is long, the name is not")
+    (root / "big.bin").write_bytes(os.urandom(50_000))
+    (root / "link").symlink_to("nested/small1.txt")
+    return root
+
+
+def test_tar_size_bound_is_at_least_the_size_of_the_plain_tar(tmp_path: Path) -> None:
+    src = bound_tree(tmp_path / "src")
+    assert tar_size_bound(src) >= pack(src, tmp_path / "out.tar", "")
+
+
+def test_tar_size_bound_is_not_far_above_the_size_of_the_plain_tar(tmp_path: Path) -> None:
+    src = bound_tree(tmp_path / "src")
+    assert tar_size_bound(src) < 2 * pack(src, tmp_path / "out.tar", "") + 20 * 1024
+
+
+def test_tar_size_bound_of_an_empty_directory_covers_an_empty_tar(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    assert tar_size_bound(tmp_path / "src") >= pack(tmp_path / "src", tmp_path / "out.tar", "")
+
+
+def test_pack_keeps_whole_second_mtimes_so_members_need_no_pax_headers(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}.txt").write_text("x")
+        os.utime(src / f"f{i}.txt", (1_600_000_000.75, 1_600_000_000.75))
+
+    size = pack(src, tmp_path / "out.tar", "")
+
+    with tarfile.open(tmp_path / "out.tar") as tf:
+        assert [m.mtime for m in tf.getmembers()] == [1_600_000_000] * 3
+        assert all(not m.pax_headers for m in tf.getmembers())
+    assert size == 10240  # three one-block headers and data blocks fit in the first record

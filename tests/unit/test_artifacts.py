@@ -7,17 +7,20 @@ import errno
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from runner.request import Artifact
 from runner.storage import artifacts as artifacts_module
-from runner.storage.archive import ArchiveError, UnsafeArchive
+from runner.storage.archive import ArchiveError, UnsafeArchive, unpack
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, TransientStorageError
 from runner.storage.cache import ArtifactCache
 from runner.storage.file import FileStore, file_url
+from runner.storage.growing import GrowingFile, PackingStopped
 
 
 def client_tar(path: Path, files: dict[str, bytes], mode: str = "w") -> Path:
@@ -194,6 +197,7 @@ async def test_store_to_a_key_that_names_no_tar_is_an_archive_error(tmp_path: Pa
 
 class SlowStore(FileStore):
     def __init__(self) -> None:
+        super().__init__()
         self.active = 0
         self.peak = 0
 
@@ -263,3 +267,129 @@ async def test_a_local_disk_error_while_staging_is_a_storage_error_naming_the_ar
     monkeypatch.setattr(artifacts_module, "unpack", disk_full)
     with pytest.raises(TransientStorageError, match=r"artifact 'workspace' .*No space left on device"):
         await io_.fetch(artifact("workspace", file_url(blob), unpack=True), tmp_path / "exp" / "workspace")
+
+
+# -- packing while uploading ------------------------------------------------------------------------------------------
+
+
+class GrowingStore(FileStore):
+    """A store that uploads files while they are written: it follows the file as it grows and, once it is finished,
+    keeps its bytes. With ``fail`` it gives up with that error as soon as the file has grown at all."""
+
+    def __init__(self, fail: StorageError | None = None) -> None:
+        super().__init__()
+        self.fail = fail
+        self.uploaded: dict[str, bytes] = {}
+        self.seen: list[int] = []
+
+    async def upload(self, src: Path, url: str) -> None:
+        raise AssertionError("a store that uploads growing files is never handed a finished one")
+
+    async def upload_growing(self, source: GrowingFile, url: str) -> None:
+        held = 0
+        while not source.finished:
+            held = await source.wait_for(held + 1)
+            self.seen.append(held)
+            if self.fail is not None:
+                raise self.fail
+        data = await asyncio.to_thread(source.path.read_bytes)
+        assert len(data) == source.size
+        self.uploaded[url] = data
+
+
+def checkpoint(label_dir: Path) -> Path:
+    (label_dir / "logs").mkdir(parents=True)
+    (label_dir / "model.bin").write_bytes(bytes(range(256)) * 10_000)  # several steps of the writer
+    (label_dir / "logs" / "run.log").write_text("epoch 1\n")
+    return label_dir
+
+
+@pytest.mark.parametrize("key", ["output.tar", "output.tar.gz"])
+async def test_store_through_a_store_that_uploads_growing_files_sends_the_tar_of_the_directory(
+    tmp_path: Path, key: str
+) -> None:
+    store = GrowingStore()
+    io_ = ArtifactIO({"file": store}, None)
+    label_dir = checkpoint(tmp_path / "exp" / "output")
+    url = file_url(tmp_path / "store" / key)
+
+    uploaded = await io_.store(artifact("output", url), label_dir)
+
+    data = store.uploaded[url]
+    assert uploaded == len(data)
+    (tmp_path / "got.tar").write_bytes(data)
+    unpack(tmp_path / "got.tar", tmp_path / "got")
+    assert (tmp_path / "got" / "model.bin").read_bytes() == bytes(range(256)) * 10_000
+    assert (tmp_path / "got" / "logs" / "run.log").read_text() == "epoch 1\n"
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["output"]  # no temporary file left
+
+
+async def test_store_of_a_missing_directory_through_such_a_store_uploads_an_empty_tar(tmp_path: Path) -> None:
+    store = GrowingStore()
+    io_ = ArtifactIO({"file": store}, None)
+    url = file_url(tmp_path / "store" / "tb.tar")
+
+    await io_.store(artifact("tb", url), tmp_path / "exp" / "tb")
+
+    with tarfile.open(fileobj=io.BytesIO(store.uploaded[url])) as tf:
+        assert tf.getnames() == []
+    assert list((tmp_path / "exp").iterdir()) == []
+
+
+async def test_an_upload_failing_midway_stops_the_packer_and_is_raised_with_the_label(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    packer: list[str] = []
+
+    def endless_pack_into(src_dir: Path, out: BinaryIO, compression: str) -> None:
+        # Packs a checkpoint that would take far longer than the test: only being stopped ends it in time.
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                out.write(b"\0" * (1 << 16))
+                time.sleep(0.001)
+        except PackingStopped:
+            packer.append("stopped")
+            raise
+        finally:
+            packer.append("ended")
+
+    monkeypatch.setattr(artifacts_module, "pack_into", endless_pack_into)
+    store = GrowingStore(fail=TransientStorageError("connection reset while sending part 2"))
+    io_ = ArtifactIO({"file": store}, None)
+    label_dir = checkpoint(tmp_path / "exp" / "output")
+
+    with pytest.raises(TransientStorageError, match=r"^artifact 'output' \(file://.*\): connection reset while"):
+        await io_.store(artifact("output", file_url(tmp_path / "store" / "output.tar")), label_dir)
+
+    assert store.seen and store.uploaded == {}  # it failed after the archive had begun to grow
+    assert packer == ["stopped", "ended"]  # the packer was told to stop and was over before store() returned
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["output"]  # the .upload file is gone
+
+
+async def test_a_packer_failing_midway_cancels_the_upload_and_is_raised_with_the_label(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(src_dir: Path, out: BinaryIO, compression: str) -> None:
+        out.write(b"\0" * (2 << 20))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(artifacts_module, "pack_into", disk_full)
+    cancelled: list[bool] = []
+
+    class Watched(GrowingStore):
+        async def upload_growing(self, source: GrowingFile, url: str) -> None:
+            try:
+                await super().upload_growing(source, url)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+    io_ = ArtifactIO({"file": Watched()}, None)
+    label_dir = checkpoint(tmp_path / "exp" / "output")
+
+    with pytest.raises(TransientStorageError, match=r"^artifact 'output' \(file://.*\): No space left on device"):
+        await io_.store(artifact("output", file_url(tmp_path / "store" / "output.tar")), label_dir)
+
+    assert cancelled == [True]
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["output"]

@@ -300,3 +300,12 @@ def test_summary_is_text_with_humanised_sizes_and_durations() -> None:
     assert summary["poll_interval"] == "1s" and summary["limit_interval"] == "5m0s"
     assert summary["prom_address"] == "off" and summary["cpu_only"] == "false"
     assert summary["working_dir"] == str(s.working_dir)
+
+
+def test_file_roots_are_a_comma_separated_list_of_directories(tmp_path: Path) -> None:
+    assert load_settings([], {}).file_roots == ()
+    s = load_settings(["--file-roots", f"{tmp_path}/a, ~/studio"], {"HOME": str(tmp_path)})
+    assert s.file_roots == (tmp_path / "a", tmp_path / "studio")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="file-roots"):
+        load_settings(["--file-roots", str(tmp_path / "f")], {})

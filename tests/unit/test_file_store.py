@@ -139,3 +139,46 @@ async def test_failed_upload_leaves_neither_partial_nor_replaced_object(
 async def test_upload_of_a_missing_source_says_so(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match=r"could not read .*missing\.tar"):
         await FileStore().upload(tmp_path / "missing.tar", file_url(tmp_path / "out.tar"))
+
+
+# -- --file-roots ------------------------------------------------------------------------------------------------------
+
+
+async def test_with_roots_only_paths_below_them_are_read_or_written(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "studio", tmp_path / "elsewhere"
+    (root / "blobstore").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "blobstore" / "ws.tar").write_bytes(b"inside")
+    secret = elsewhere / "id_rsa"
+    secret.write_bytes(b"private")
+    store = FileStore([root])
+
+    assert (await store.stat(file_url(root / "blobstore" / "ws.tar"))).size == 6
+    src = tmp_path / "ckpt.tar"
+    src.write_bytes(b"ckpt")
+    await store.upload(src, file_url(root / "experiments" / "k" / "modeldir.tar"))  # new directories are fine
+    assert (root / "experiments" / "k" / "modeldir.tar").read_bytes() == b"ckpt"
+
+    with pytest.raises(AccessDenied, match=re.escape(f"{secret} is outside the directories file:// artifacts may use")):
+        await store.download(file_url(secret), tmp_path / "stolen")
+    with pytest.raises(AccessDenied, match="outside the directories"):
+        await store.upload(src, file_url(elsewhere / "overwritten.tar"))
+    with pytest.raises(AccessDenied, match="outside the directories"):
+        await store.stat(file_url(root / ".." / "elsewhere" / "id_rsa"))  # no way out through ..
+    assert not (tmp_path / "stolen").exists() and not (elsewhere / "overwritten.tar").exists()
+
+
+async def test_with_roots_a_symlink_inside_leading_outside_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "studio"
+    root.mkdir()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "shadow").write_bytes(b"x")
+    (root / "escape").symlink_to(tmp_path / "etc")
+
+    with pytest.raises(AccessDenied, match=re.escape(str(tmp_path / "etc" / "shadow"))):
+        await FileStore([root]).download(file_url(root / "escape" / "shadow"), tmp_path / "out")
+
+
+async def test_without_roots_any_path_is_used_as_before(tmp_path: Path) -> None:
+    (tmp_path / "x.tar").write_bytes(b"x")
+    assert (await FileStore().stat(file_url(tmp_path / "x.tar"))).size == 1
