@@ -210,6 +210,20 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _tls_error(err: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind ``err``: aiormq re-raises it as a connection error whose cause it is."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unverified(err: ssl.SSLError) -> bool:
+    return isinstance(err, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(err)
+
+
 def describe_connect_error(err: BaseException, endpoint: AmqpEndpoint) -> str:
     """One readable sentence for an AMQP connection failure; never the password."""
     if isinstance(err, amqp.ProbableAuthenticationError | amqp.AuthenticationError):
@@ -221,8 +235,9 @@ def describe_connect_error(err: BaseException, endpoint: AmqpEndpoint) -> str:
         )
     elif isinstance(err, TimeoutError):
         text = "no answer in time"
-    elif isinstance(err, ssl.SSLError):
-        text = f"TLS failed: {err}"
+    elif (tls := _tls_error(err)) is not None:
+        hint = "; trust the server's CA with ?cafile=/path/ca.pem in --amqp-url" if _unverified(tls) else ""
+        text = f"TLS failed: {tls}{hint}"
     elif isinstance(err, amqp.IncompatibleProtocolError):
         text = "the server does not speak AMQP 0-9-1 (is this the management port?)"
     elif isinstance(err, OSError):

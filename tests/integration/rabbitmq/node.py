@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import glob
+import ipaddress
 import json
 import os
 import shutil
@@ -55,9 +56,19 @@ class RabbitNode:
             raise FileNotFoundError(f"{RABBITMQ_SERVER} is missing; {INSTALL_HINT}")
         self.dir = Path(tempfile.mkdtemp(prefix="rmq-"))
         self.amqp_port, self.mgmt_port, dist_port, self.epmd_port = (free_port() for _ in range(4))
+        self.amqps_port = free_port()
         self.consumer_timeout_ms = consumer_timeout_ms
+        # An amqps listener too, with a certificate from a CA of the node's own (self.ca_file) for 127.0.0.1.
+        tls = write_certificates(self.dir / "tls")
+        self.ca_file = tls["ca"]
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
+            f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}\n"
+            f"ssl_options.cacertfile = {tls['ca']}\n"
+            f"ssl_options.certfile = {tls['cert']}\n"
+            f"ssl_options.keyfile = {tls['key']}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
             "management.tcp.ip = 127.0.0.1\n"
             f"management.tcp.port = {self.mgmt_port}\n"
             f"consumer_timeout = {consumer_timeout_ms}\n"
@@ -151,6 +162,11 @@ class RabbitNode:
         credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
         return f"amqp://{credentials}@127.0.0.1:{self.amqp_port}/{quote(vhost, safe='')}"
 
+    def amqps_url(self, vhost: str = "/", query: str = "") -> str:
+        """The node's TLS listener; ``query`` carries the TLS options (``cafile=...``) as a runner's URL would."""
+        url = f"amqps://guest:guest@127.0.0.1:{self.amqps_port}/{quote(vhost, safe='')}"
+        return f"{url}?{query}" if query else url
+
     @property
     def management_url(self) -> str:
         return f"http://127.0.0.1:{self.mgmt_port}"
@@ -176,3 +192,50 @@ class RabbitNode:
 
     def delete_vhost(self, vhost: str) -> None:
         self.api("DELETE", f"/api/vhosts/{quote(vhost, safe='')}")
+
+
+def write_certificates(directory: Path) -> dict[str, Path]:
+    """A CA and a server certificate signed by it for 127.0.0.1 and localhost, as PEM files in ``directory``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "studio-runner test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths

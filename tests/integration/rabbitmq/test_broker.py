@@ -23,6 +23,7 @@ from runner.queues.rabbitmq import (
     BrokerUnavailable,
     RabbitBroker,
     RabbitDelivery,
+    submit_request,
 )
 from runner.request import Resources
 from runner.resources.allocator import Allocator
@@ -296,3 +297,36 @@ async def test_returns_counted_by_a_quorum_queue_count_as_attempts(rabbit: Rabbi
         assert second.attempt == 3
         await second.ack()
         await taker.close()
+
+
+# -- amqps -------------------------------------------------------------------------------------------------------------
+
+
+async def test_over_amqps_with_the_servers_ca_messages_are_taken_and_acked(rabbit: Rabbit) -> None:
+    await asyncio.to_thread(rabbit.declare_work_queue, "rmq_tls")
+    url = rabbit.node.amqps_url(rabbit.vhost, f"cafile={rabbit.node.ca_file}")
+
+    await submit_request(url, "rmq_tls", request_body("tls-1"))  # what `submit --amqp-url amqps://...` does
+    endpoint = AmqpEndpoint.parse(url, rabbit.management_url)
+    broker = RabbitBroker(endpoint, QueueMatcher.from_strings("^rmq_"), discover_interval=0.2)
+    await broker.open()
+    try:
+        [queue] = [q for q in await broker.discover() if q.name == "rmq_tls"]
+        taker = Taker(broker, queue, intake_with(2))
+        delivery = await taker.take()
+        assert delivery.body == request_body("tls-1")
+        await delivery.ack()
+        taker.finish(delivery)
+        await taker.close()
+    finally:
+        await broker.close()
+    assert await asyncio.to_thread(rabbit.ready, "rmq_tls") == 0
+
+
+async def test_over_amqps_a_server_certificate_nobody_vouches_for_is_refused_with_a_tls_reason(rabbit: Rabbit) -> None:
+    untrusted = rabbit.node.amqps_url(rabbit.vhost)  # no cafile: the system's CAs do not know the node's own
+
+    with pytest.raises(BrokerUnavailable, match=r"TLS failed: .*CERTIFICATE_VERIFY_FAILED.*\?cafile=") as refused:
+        await submit_request(untrusted, "rmq_tls_refused", request_body("tls-2"))
+    assert "cannot reach" not in str(refused.value)
+    assert await asyncio.to_thread(rabbit.ready, "rmq_tls_refused") == -1  # nothing was sent
