@@ -17,6 +17,7 @@ from runner.queues.rabbitmq import AmqpEndpoint, RabbitBroker
 from runner.queues.sqs import SqsBroker
 from runner.storage.base import ObjectStore
 from runner.storage.file import FileStore
+from runner.storage.gcs import GcsStore
 from runner.storage.s3 import S3Store
 from runner.storage.s3_endpoints import TlsOptions
 from runner.storage.status_records import StatusRecords
@@ -65,12 +66,14 @@ def make_stores(settings: Settings) -> dict[str, ObjectStore]:
             "file:// artifacts may name any path this runner can read or write; with a shared broker, limit them "
             "with --file-roots (or FILE_ROOTS)"
         )
+    pool = TransferPool(settings.transfer_concurrency)  # one bound on requests in flight, whatever the store
     stores["s3"] = S3Store(
-        pool=TransferPool(settings.transfer_concurrency),
+        pool=pool,
         default_region=settings.aws_region,
         tls=TlsOptions(settings.s3_ca, settings.s3_cert, settings.s3_key),
         part_size=settings.s3_part_size,
     )
+    stores["gs"] = GcsStore(pool=pool)  # credentials and endpoint from the environment, as Google's tools take them
     return stores
 
 
