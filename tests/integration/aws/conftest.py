@@ -11,7 +11,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +23,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from tests.integration.conftest import free_port
+from tests.integration.helpers import stop_process, wait_for_server
 
 REGION = "us-east-1"
 KEY_ID = "testing-key-id"
@@ -84,26 +84,8 @@ def start_moto(*options: str, scheme: str = "http", **env: str) -> Moto:
         env={**os.environ, **env},
     )
     server = Moto(proc, port, scheme=scheme)
-    deadline = time.monotonic() + 60
-    while not _ready(f"{server.url}/moto-api/"):
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError("moto server not ready after 60s")
-        time.sleep(0.05)
+    wait_for_server(proc, lambda: _ready(f"{server.url}/moto-api/"), "moto server", 60)
     return server
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +94,7 @@ def moto() -> Iterator[Moto]:
     try:
         yield server
     finally:
-        stop(server.proc)
+        stop_process(server.proc)
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +114,7 @@ def moto_with_auth() -> Iterator[Moto]:
         server.key_id, server.secret = key["AccessKeyId"], key["SecretAccessKey"]
         yield server
     finally:
-        stop(server.proc)
+        stop_process(server.proc)
 
 
 def unique(prefix: str) -> str:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
-from tests.integration.conftest import free_port
+from tests.integration.helpers import LoopbackProxy
 
 _INVALID_ARGUMENT = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidArgument</Code>'
@@ -29,8 +28,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"
 
 
 @dataclass
-class DamagingProxy:
-    upstream: str
+class DamagingProxy(LoopbackProxy):
     corrupt: int = 0  # how many of the next object GETs get one byte flipped
     truncate: int = 0  # how many of the next object GETs end half-way, the connection closed
     # Answer CreateMultipartUpload requests that ask for an additional checksum as a server without them does.
@@ -39,27 +37,6 @@ class DamagingProxy:
     # Answer every request with 503, as a service in trouble does, until switched back.
     unavailable: bool = False
     object_gets: int = 0
-    port: int = field(default_factory=free_port)
-    _runner: web.AppRunner | None = None
-    _session: aiohttp.ClientSession | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None

@@ -18,7 +18,8 @@ from runner.request import AwsCredentials
 from runner.storage.base import StorageError
 from runner.storage.s3 import S3Store
 from runner.storage.s3_endpoints import TlsOptions
-from tests.integration.aws.conftest import REGION, Moto, start_moto, stop, unique
+from tests.integration.aws.conftest import REGION, Moto, start_moto, unique
+from tests.integration.helpers import stop_process
 
 
 def _name(common: str) -> x509.Name:
@@ -71,7 +72,7 @@ def tls_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Moto, P
     try:
         yield server, ca_file, other_ca
     finally:
-        stop(server.proc)
+        stop_process(server.proc)
 
 
 async def test_with_the_servers_ca_the_store_speaks_https_and_verifies_the_certificate(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import free_port
+from tests.integration.helpers import stop_process, wait_for_server
 
 PROJECT = "test"
 
@@ -92,26 +92,8 @@ def start_fake_gcs(root: Path) -> FakeGcs:
     command += ["-backend", "filesystem", "-filesystem-root", str(root), "-log-level", "warn"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = FakeGcs(proc, port)
-    deadline = time.monotonic() + 30
-    while not _ready(server.url):
-        if proc.poll() is not None:
-            raise RuntimeError(f"fake-gcs-server exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError("fake-gcs-server not ready after 30s")
-        time.sleep(0.05)
+    wait_for_server(proc, lambda: _ready(server.url), "fake-gcs-server", 30)
     return server
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +103,7 @@ def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcs]:
     try:
         yield server
     finally:
-        stop(server.proc)
+        stop_process(server.proc)
 
 
 def unique(prefix: str) -> str:

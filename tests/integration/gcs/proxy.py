@@ -12,10 +12,9 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
-from tests.integration.conftest import free_port
+from tests.integration.helpers import LoopbackProxy
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
@@ -32,8 +31,7 @@ class Seen:
 
 
 @dataclass
-class DamagingProxy:
-    upstream: str
+class DamagingProxy(LoopbackProxy):
     corrupt: int = 0  # how many of the next media GETs get one byte flipped
     corrupt_uploads: int = 0  # how many of the next requests carrying an object's bytes get one byte flipped
     fail: int = 0  # how many of the next requests are answered with ``fail_status`` instead of being forwarded
@@ -42,31 +40,10 @@ class DamagingProxy:
     media_gets: int = 0
     failed: int = 0
     seen: list[Seen] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
-    _runner: web.AppRunner | None = None
-    _session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def uploads(self) -> list[Seen]:
         """The upload requests forwarded so far: the first request of each upload and any that carry its bytes."""
         return [s for s in self.seen if s.path.startswith("/upload/")]
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None

@@ -23,19 +23,9 @@ from runner.storage.s3_checks import IntegrityError
 from runner.storage.transfer import TransferPool
 from tests.integration.gcs.conftest import FakeGcs, unique
 from tests.integration.gcs.proxy import DamagingProxy
+from tests.integration.helpers import random_file, sha256
 
 MIB = 1 << 20
-
-
-def random_file(path: Path, size: int) -> str:
-    """Write ``size`` random bytes to ``path``; return their sha256."""
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def md5_b64(data: bytes) -> str:

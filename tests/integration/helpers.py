@@ -1,0 +1,88 @@
+"""Pieces the server-backed tests share: starting and stopping a server process, a loopback reverse proxy that
+test instruments build on, and files of random bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests.integration.conftest import free_port
+
+
+def wait_for_server(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, timeout: float) -> None:
+    """Return once ``ready()``; stop ``proc`` and raise when it exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            stop_process(proc)
+            raise RuntimeError(f"{what} not ready after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a test server never outlives its fixture."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@dataclass
+class LoopbackProxy:
+    """An aiohttp server on a free loopback port whose ``_forward`` handles every request (subclasses forward to
+    ``upstream``, the real server, changing what a test asks them to)."""
+
+    upstream: str
+    port: int = field(default_factory=free_port)
+    _runner: web.AppRunner | None = None
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+def random_file(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path``; return their sha256."""
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
