@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from runner.config import Settings
 from runner.queues.base import Broker
 from runner.queues.local import LocalBroker
+from runner.queues.pubsub import PubSubBroker
 from runner.queues.rabbitmq import AmqpEndpoint, RabbitBroker
 from runner.queues.sqs import SqsBroker
 from runner.storage.base import ObjectStore
@@ -45,6 +46,11 @@ async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker
         await sqs.open()
         stack.push_async_callback(sqs.close)
         brokers.append(sqs)
+    if settings.pubsub_project:
+        pubsub = PubSubBroker(matcher, project=settings.pubsub_project, ack_deadline=settings.pubsub_ack_deadline)
+        await pubsub.open()
+        stack.push_async_callback(pubsub.close)
+        brokers.append(pubsub)
     if settings.amqp_url:
         rabbit = RabbitBroker(
             AmqpEndpoint.parse(settings.amqp_url, settings.amqp_mgt_url),
@@ -61,7 +67,9 @@ async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker
 def make_stores(settings: Settings) -> dict[str, ObjectStore]:
     """Object stores by URL scheme."""
     stores: dict[str, ObjectStore] = {"file": FileStore(settings.file_roots)}
-    if not settings.file_roots and (settings.amqp_url or settings.sqs_certs or settings.aws_region):
+    if not settings.file_roots and (
+        settings.amqp_url or settings.sqs_certs or settings.aws_region or settings.pubsub_project
+    ):
         log.warning(
             "file:// artifacts may name any path this runner can read or write; with a shared broker, limit them "
             "with --file-roots (or FILE_ROOTS)"

@@ -82,6 +82,8 @@ class Settings:
     sqs_certs: Path | None  # one sub-directory of AWS credentials per account; None = no such directory
     sqs_timeout: float  # seconds, for each discrete SQS call
     sqs_visibility: float  # seconds a received SQS message stays invisible before its lease is extended
+    pubsub_project: str  # Google Cloud project whose Pub/Sub subscriptions are served; "" = Pub/Sub off
+    pubsub_ack_deadline: float  # seconds a pulled Pub/Sub message is held per lease extension
     aws_region: str  # region of the SQS queues reached with the default AWS credential chain; "" = none
     s3_ca: Path | None
     s3_cert: Path | None
@@ -269,6 +271,20 @@ def _optional_file(text: str, environ: Mapping[str, str]) -> Path | None:
     if not path.is_file():
         raise _Invalid("is not a readable file")
     return path
+
+
+def _ack_deadline(text: str, environ: Mapping[str, str]) -> float:
+    seconds = _duration(text, environ)
+    if not 10 <= seconds <= 600:
+        raise _Invalid("is outside Pub/Sub's ack deadlines (10s to 10m)")
+    return seconds
+
+
+def _project(text: str, environ: Mapping[str, str]) -> str:
+    project = text.strip()
+    if project and not re.fullmatch(r"[a-z][a-z0-9.:-]{2,62}", project):
+        raise _Invalid("is not a Google Cloud project id")
+    return project
 
 
 def _region(text: str, environ: Mapping[str, str]) -> str:
@@ -493,6 +509,28 @@ _OPTIONS: tuple[_Option, ...] = (
         f"{DURATION_FORM}, above 0",
         "how long a received SQS message stays invisible to other runners; the lease is extended every third of "
         "it while the experiment runs, and a message of a runner that died reappears after it",
+        metavar="DURATION",
+    ),
+    _Option(
+        "pubsub-project",
+        _QUEUES,
+        _project,
+        "",
+        "a Google Cloud project id, or empty",
+        "serve the Pub/Sub subscriptions of this project (<queue>_sub serves the StudioML client's topic <queue>; "
+        "set --queue-match to their names); credentials from GOOGLE_APPLICATION_CREDENTIALS or the metadata server, "
+        "PUBSUB_EMULATOR_HOST for an emulator; empty = Pub/Sub off",
+        metavar="PROJECT",
+        blank_is_value=True,
+    ),
+    _Option(
+        "pubsub-ack-deadline",
+        _QUEUES,
+        _ack_deadline,
+        "60s",
+        f"{DURATION_FORM}, 10s to 10m",
+        "how long a pulled Pub/Sub message is held for this runner; extended every third of it while the "
+        "experiment runs, and a message of a runner that died is delivered again after it",
         metavar="DURATION",
     ),
     _Option(

@@ -1,8 +1,9 @@
 """Pieces the server-backed tests share: starting and stopping a server process, a loopback reverse proxy that
-test instruments build on, and files of random bytes."""
+test instruments build on, files of random bytes, and a stand-in for the service's capacity credit."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -86,3 +87,23 @@ def random_file(path: Path, size: int) -> str:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Slots:
+    """Free capacity as the service's intake reports it: ``free`` experiments could start now."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self._changed = asyncio.Event()
+
+    def set(self, free: int) -> None:
+        self.free = free
+        self._changed.set()
+
+    async def wait(self) -> None:
+        while self.free <= 0:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def available(self) -> int:
+        return self.free

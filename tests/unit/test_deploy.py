@@ -67,3 +67,11 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_lets_the_runner_insist_on_one() -> N
     assert runner_container(manifests)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     tolerations = manifests["Deployment"]["spec"]["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+
+
+def test_the_pubsub_overlay_serves_a_project_through_workload_identity() -> None:
+    manifests = build(DEPLOY / "overlays" / "gcp-pubsub")
+    assert settings(manifests)["PUBSUB_PROJECT"] and settings(manifests)["QUEUE_MATCH"] != "^(rmq|sqs|local)_.*$"
+    account = manifests["ServiceAccount"]
+    assert "iam.gke.io/gcp-service-account" in account["metadata"]["annotations"]
+    assert manifests["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]

@@ -26,26 +26,7 @@ from runner.queues.sqs import (
 )
 from tests.integration.aws.conftest import REGION, Moto, aws_client, unique, write_account
 from tests.integration.aws.proxy import DamagingProxy
-
-
-class Slots:
-    """Free capacity as the service's intake reports it: ``free`` experiments could start now."""
-
-    def __init__(self, free: int) -> None:
-        self.free = free
-        self._changed = asyncio.Event()
-
-    def set(self, free: int) -> None:
-        self.free = free
-        self._changed.set()
-
-    async def wait(self) -> None:
-        while self.free <= 0:
-            self._changed.clear()
-            await self._changed.wait()
-
-    def available(self) -> int:
-        return self.free
+from tests.integration.helpers import Slots
 
 
 def broker_for(moto: Moto, certs: Path, prefix: str, **options: Any) -> SqsBroker:

@@ -1,0 +1,290 @@
+"""Google Pub/Sub subscriptions as queues, compatible with the StudioML client's ``PubsubQueue``.
+
+The client sends a queue name with no known prefix (not ``rmq_``, ``sqs_``, ``local``) to Pub/Sub: it publishes the
+request's JSON to the topic ``<queue>`` of the project named by its ``GOOGLE_APPLICATION_CREDENTIALS`` file, and
+creates the subscription ``<queue>_sub`` for workers. This broker serves the subscriptions of ``--pubsub-project``:
+``<queue>_sub`` is the queue ``<queue>``, any other subscription is served under its own id, and ``--queue-match``
+decides which (so set it: the default matches only prefixed names).
+
+* **Receive** only what can start: a pull asks for at most as many messages as there are free slots, and is held
+  by the server until a message comes.
+* **Lease**: a message pulled is the runner's for the subscription's ack deadline; the lease is extended by
+  ``--pubsub-ack-deadline`` seconds every third of it (``modifyAckDeadline``, at most 600 s at a time) for as long as
+  the experiment runs. Pub/Sub has no ceiling on how long a message may be held this way.
+* **Settle**: ack = ``acknowledge``; requeue after ``delay`` = ``modifyAckDeadline(delay)`` (0: at once);
+  dead-letter = a copy with the reason in its ``studio-runner-reason`` attribute published to the subscription's
+  dead-letter topic, then ``acknowledge``. A subscription without a dead-letter policy gets a rejected message
+  acknowledged and the reason logged as an error (the outcome contract's "ack if no DLQ").
+* **Attempts**: Pub/Sub counts deliveries only on subscriptions with a dead-letter policy (``deliveryAttempt``);
+  elsewhere every delivery is attempt 1, so give subscriptions a dead-letter policy to bound retries.
+
+Credentials: ``GOOGLE_APPLICATION_CREDENTIALS`` (a service account key file), else the metadata server (GKE Workload
+Identity). ``PUBSUB_EMULATOR_HOST`` (``host:port``) points the broker at Google's emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncGenerator, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.queues.matcher import QueueMatcher
+
+if TYPE_CHECKING:
+    from runner.queues.base import Broker, Delivery
+
+log = logging.getLogger(__name__)
+
+BROKER_NAME: Final = "pubsub"
+REASON_ATTRIBUTE: Final = "studio-runner-reason"
+SOURCE_ATTRIBUTE: Final = "studio-runner-source-queue"
+SUBSCRIPTION_SUFFIX: Final = "_sub"
+CLIENT_ACK_DEADLINE: Final = 20  # what the StudioML client gives the subscriptions it creates
+MAX_ACK_DEADLINE: Final = 600
+MAX_PULL: Final = 100
+_PULL_HOLD: Final = 120  # seconds: longer than any server holds an empty pull
+_BROKER: Final[dict[str, object]] = {"broker": BROKER_NAME}
+
+
+def _status(err: BaseException) -> int:
+    status = getattr(err, "status", None)
+    return int(status) if isinstance(status, int) else 0
+
+
+def queue_of(subscription_id: str) -> str:
+    """The queue name a subscription serves: ``<queue>_sub`` is ``<queue>``, anything else is itself."""
+    if subscription_id.endswith(SUBSCRIPTION_SUFFIX) and len(subscription_id) > len(SUBSCRIPTION_SUFFIX):
+        return subscription_id[: -len(SUBSCRIPTION_SUFFIX)]
+    return subscription_id
+
+
+class PubSubDelivery:
+    """One pulled message, held by this runner until it is settled."""
+
+    def __init__(self, broker: PubSubBroker, queue: QueueRef, message: Any) -> None:
+        self._broker = broker
+        self.queue = queue
+        self.body: bytes = message.data or b""
+        self.message_id = str(message.message_id)
+        self.attributes: dict[str, str] = dict(message.attributes or {})
+        self.attempt = int(message.delivery_attempt or 1)
+        self.lease_interval: float | None = broker.ack_deadline / 3
+        self.lease_ending: asyncio.Event | None = None  # Pub/Sub puts no ceiling on a held message
+        self._ack_id = str(message.ack_id)
+        self._settled = ""
+
+    @property
+    def log_context(self) -> dict[str, object]:
+        return {"broker": BROKER_NAME, "queue": self.queue.name, "message_id": self.message_id}
+
+    async def ack(self) -> None:
+        await self._settle("ack", self._acknowledge)
+
+    async def requeue(self, *, delay: float = 0.0) -> None:
+        seconds = max(0, min(MAX_ACK_DEADLINE, math.ceil(delay)))
+        await self._settle("requeue", lambda: self._broker.extend(self.queue.project, self._ack_id, seconds))
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._settle("dead-letter", lambda: self._dead_letter(reason))
+
+    async def keep_alive(self) -> None:
+        if self._settled:
+            return
+        seconds = max(1, min(MAX_ACK_DEADLINE, math.ceil(self._broker.ack_deadline)))
+        await self._broker.extend(self.queue.project, self._ack_id, seconds)
+
+    async def _acknowledge(self) -> None:
+        await self._broker.call(self._broker.subscriber().acknowledge(self.queue.project, [self._ack_id]))
+
+    async def _dead_letter(self, reason: str) -> None:
+        topic = await self._broker.dead_letter_topic(self.queue.project)
+        if not topic:
+            log.error(
+                "message rejected and acknowledged: its subscription has no dead-letter policy to keep it (%s)",
+                reason,
+                extra=self.log_context,
+            )
+            await self._acknowledge()
+            return
+        attributes = {**self.attributes, REASON_ATTRIBUTE: reason[:1024], SOURCE_ATTRIBUTE: self.queue.name}
+        await self._broker.send(topic, self.body, attributes)
+        await self._acknowledge()
+        log.info("dead-lettered to %s: %s", topic, reason, extra=self.log_context)
+
+    async def _settle(self, action: str, operation: Any) -> None:
+        if self._settled:
+            raise RuntimeError(f"message {self.message_id} was already settled ({self._settled}); cannot {action}")
+        self._settled = action
+        await operation()
+
+
+class PubSubBroker:
+    """The subscriptions of one Google Cloud project, as queues."""
+
+    name = BROKER_NAME
+
+    def __init__(
+        self,
+        matcher: QueueMatcher,
+        *,
+        project: str,
+        api_root: str | None = None,
+        service_file: str | None = None,
+        discover_interval: float = 15.0,
+        ack_deadline: float = 60.0,
+        timeout: float = 10.0,
+    ) -> None:
+        if not project:
+            raise ValueError("a Pub/Sub project is needed")
+        self.matcher = matcher
+        self.project = project
+        self.discover_interval = discover_interval
+        self.ack_deadline = ack_deadline
+        self.timeout = timeout
+        self._api_root = api_root
+        self._service_file = service_file
+        self._subscriber: Any = None
+        self._publisher: Any = None
+        self._dead_letter_topics: dict[str, str] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> PubSubBroker:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        from gcloud.aio.pubsub import PublisherClient, SubscriberClient
+
+        self._subscriber = SubscriberClient(service_file=self._service_file, api_root=self._api_root)
+        self._publisher = PublisherClient(service_file=self._service_file, api_root=self._api_root)
+        log.info("Pub/Sub subscriptions of project %s", self.project, extra=_BROKER)
+
+    async def close(self) -> None:
+        self._closed = True
+        for client in (self._subscriber, self._publisher):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+        self._subscriber = self._publisher = None
+
+    def subscriber(self) -> Any:
+        if self._subscriber is None:
+            raise RuntimeError("the Pub/Sub broker is not open")
+        return self._subscriber
+
+    def publisher(self) -> Any:
+        if self._publisher is None:
+            raise RuntimeError("the Pub/Sub broker is not open")
+        return self._publisher
+
+    async def call(self, operation: Any) -> Any:
+        async with asyncio.timeout(self.timeout):
+            return await operation
+
+    # -- discovery -------------------------------------------------------------------------------------------------
+
+    async def discover(self) -> list[QueueRef]:
+        project_path = f"projects/{self.project}"
+        try:
+            listed = await self.call(self.subscriber().list_subscriptions(project_path))
+        except KeyError:  # the client library expects a "subscriptions" key that an empty project does not send
+            listed = {"subscriptions": []}
+        found: list[QueueRef] = []
+        for subscription in listed.get("subscriptions") or []:
+            path = str(subscription.get("name") or "")
+            queue = queue_of(path.rsplit("/", 1)[-1])
+            if path and self.matcher(queue):
+                found.append(QueueRef(BROKER_NAME, queue, path))
+                topic = str((subscription.get("deadLetterPolicy") or {}).get("deadLetterTopic") or "")
+                self._dead_letter_topics[path] = topic
+        return sorted(found)
+
+    async def dead_letter_topic(self, subscription: str) -> str:
+        """The subscription's dead-letter topic, read afresh (the policy may have changed); "" when it has none."""
+        try:
+            info: Mapping[str, Any] = await self.call(self.subscriber().get_subscription(subscription))
+        except Exception as err:
+            log.warning("policy of %s not read (%s); using what discovery saw", subscription, err, extra=_BROKER)
+            return self._dead_letter_topics.get(subscription, "")
+        return str((info.get("deadLetterPolicy") or {}).get("deadLetterTopic") or "")
+
+    # -- consuming -------------------------------------------------------------------------------------------------
+
+    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[PubSubDelivery, None]:
+        """Pull from ``queue`` only while capacity is free, at most as many messages as could start now."""
+        failures = 0
+        while not self._closed:
+            await credit.wait()
+            wanted = min(MAX_PULL, credit.available())
+            if wanted <= 0:
+                continue
+            try:
+                # The server holds an empty pull until a message comes (the emulator for about 90 s). A pull given up
+                # on the client's side would stay open on the server's and swallow the next message until its ack
+                # deadline, so each pull is waited for; one that ends empty is simply asked again.
+                messages = await self.subscriber().pull(queue.project, wanted, timeout=_PULL_HOLD)
+            except TimeoutError:
+                continue
+            except Exception as err:
+                if _status(err) == 404:
+                    raise QueueGone(f"{queue}: the subscription {queue.project} was deleted") from err
+                failures += 1
+                pause = min(30.0, 2.0 ** (failures - 1))
+                log.warning("Pub/Sub pull failed, trying again in %.0fs: %s", pause, err, extra={"queue": queue.name})
+                await asyncio.sleep(pause)
+                continue
+            failures = 0
+            for message in messages:
+                delivery = PubSubDelivery(self, queue, message)
+                if credit.available() <= 0:  # capacity went while the pull was held: hand it back at once
+                    with contextlib.suppress(Exception):
+                        await self.extend(queue.project, delivery._ack_id, 0)
+                    continue
+                log.info("received attempt %d", delivery.attempt, extra=delivery.log_context)
+                yield delivery
+
+    async def extend(self, subscription: str, ack_id: str, seconds: int) -> None:
+        await self.call(self.subscriber().modify_ack_deadline(subscription, [ack_id], seconds))
+
+    # -- publishing ------------------------------------------------------------------------------------------------
+
+    async def send(self, topic: str, body: bytes, attributes: Mapping[str, str]) -> str:
+        from gcloud.aio.pubsub import PubsubMessage
+
+        sent = await self.call(self.publisher().publish(topic, [PubsubMessage(body, **dict(attributes))]))
+        ids = sent.get("messageIds") or [""]
+        return str(ids[0])
+
+    async def publish(self, queue: str, body: bytes) -> str:
+        """Send ``body`` as the StudioML client does: to the topic ``queue``, creating it and its ``<queue>_sub``
+        subscription when missing."""
+        topic = f"projects/{self.project}/topics/{queue}"
+        subscription = f"projects/{self.project}/subscriptions/{queue}{SUBSCRIPTION_SUFFIX}"
+        try:
+            await self.call(self.publisher().create_topic(topic))
+        except Exception as err:
+            if _status(err) != 409:  # 409: it exists already
+                raise
+        try:
+            await self.call(
+                self.subscriber().create_subscription(subscription, topic, {"ackDeadlineSeconds": CLIENT_ACK_DEADLINE})
+            )
+        except Exception as err:
+            if _status(err) != 409:
+                raise
+        message_id = await self.send(topic, body, {})
+        log.info("published", extra={"queue": queue, "message_id": message_id, **_BROKER})
+        return message_id
+
+
+if TYPE_CHECKING:
+    # Static proof that the broker and its deliveries satisfy the protocols the service is written against.
+    def _conforms(broker: PubSubBroker, delivery: PubSubDelivery) -> tuple[Broker, Delivery]:
+        return broker, delivery
