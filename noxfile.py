@@ -30,6 +30,7 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("python", "bench/dispatch.py", *session.posargs)
     session.run("python", "bench/rabbitmq.py", *session.posargs)
+    session.run("python", "bench/pubsub.py", *session.posargs)
     session.run("python", "bench/gpu_allocation.py")
     session.run("python", "bench/envs.py")  # needs the package index; a few minutes
     session.install("-e", ".[test,bench]")  # awscli: the baseline of the S3 transfer benchmark
