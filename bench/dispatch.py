@@ -188,6 +188,48 @@ def report(name: str, figure: str, target: str, ok: bool, extra: str = "") -> No
     print(f"{name:<38} {figure:>12}   target {target:<10} {'PASS' if ok else 'MISS'}  {extra}")
 
 
+# Brokers other than the local queue: how much they may add to the local queue's latency, in the same run.
+BROKER_TARGET_EXTRA_S = 0.050
+
+
+def broker_arguments(doc: str | None) -> argparse.Namespace:
+    """The command line every broker benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=50, help="experiments for the latency figures (≥ 50)")
+    parser.add_argument("--burst", type=int, default=40, help="experiments published at once for throughput")
+    parser.add_argument("--slots", type=int, default=4, help="experiment slots for throughput (capped by cores)")
+    return parser.parse_args()
+
+
+def report_broker(
+    title: str, args: argparse.Namespace, slots: int, local: list[float], remote: list[float], rate: float
+) -> None:
+    """Print a broker's latency next to the local queue's from the same run, and its throughput, with targets."""
+    local_median = statistics.median(local)
+    median, p95 = statistics.median(remote), percentile(remote, 0.95)
+    extra = median - local_median
+    print(
+        f"{title}: {args.count} experiments one at a time, burst of {args.burst} with {slots} slots, "
+        f"{os.cpu_count()} cores"
+    )
+    report("baseline: local queue, median", f"{local_median * 1000:.1f} ms", "-", True, "(same runner, same run)")
+    report(
+        "publish → first line, median",
+        f"{median * 1000:.1f} ms",
+        f"≤ +{BROKER_TARGET_EXTRA_S * 1000:.0f} ms",
+        extra <= BROKER_TARGET_EXTRA_S,
+        f"{extra * 1000:+.1f} ms vs the local queue ({median / local_median:.2f}×); studio-go-runner 14.4 s",
+    )
+    report("publish → first line, p95", f"{p95 * 1000:.1f} ms", "-", True)
+    report(
+        f"trivial experiments per second, {slots} slots",
+        f"{rate:.1f} /s",
+        f"≥ {TARGET_RATE:.0f} /s",
+        rate >= TARGET_RATE,
+        "studio-go-runner 0.047 /s (2.8 per minute)",
+    )
+
+
 async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-dispatch-") as tmp:
         bench = Bench(Path(tmp))

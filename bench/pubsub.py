@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 from dispatch import QUEUE as LOCAL_QUEUE
-from dispatch import Bench, latency, percentile, report, throughput
+from dispatch import Bench, broker_arguments, latency, report_broker, throughput
 
 from runner.queues.matcher import QueueMatcher
 from runner.queues.pubsub import PubSubBroker
@@ -38,8 +37,6 @@ from tests.integration.pubsub.conftest import PubSubEmulator, start_emulator
 
 PS_QUEUE = "ps_bench"
 PROJECT = "bench-project"
-TARGET_EXTRA_S = 0.050
-TARGET_RATE = 5.0
 
 
 class PubSubBench(Bench):
@@ -89,38 +86,12 @@ async def main_async(args: argparse.Namespace) -> int:
                 await bench.client.close()
         finally:
             stop_process(emulator.proc)
-    local_median = statistics.median(local)
-    ps_median, ps_p95 = statistics.median(ps), percentile(ps, 0.95)
-    extra = ps_median - local_median
-    print(
-        f"Pub/Sub dispatch (emulator): {args.count} experiments one at a time, burst of {args.burst} with {slots} "
-        f"slots, {os.cpu_count()} cores"
-    )
-    report("baseline: local queue, median", f"{local_median * 1000:.1f} ms", "-", True, "(same runner, same run)")
-    report(
-        "publish → first line, median",
-        f"{ps_median * 1000:.1f} ms",
-        f"≤ +{TARGET_EXTRA_S * 1000:.0f} ms",
-        extra <= TARGET_EXTRA_S,
-        f"{extra * 1000:+.1f} ms vs the local queue ({ps_median / local_median:.2f}×); studio-go-runner 14.4 s",
-    )
-    report("publish → first line, p95", f"{ps_p95 * 1000:.1f} ms", "-", True)
-    report(
-        f"trivial experiments per second, {slots} slots",
-        f"{rate:.1f} /s",
-        f"≥ {TARGET_RATE:.0f} /s",
-        rate >= TARGET_RATE,
-        "studio-go-runner 0.047 /s (2.8 per minute)",
-    )
+    report_broker("Pub/Sub dispatch (emulator)", args, slots, local, ps, rate)
     return 0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=50, help="experiments for the latency figures (≥ 50)")
-    parser.add_argument("--burst", type=int, default=40, help="experiments published at once for throughput")
-    parser.add_argument("--slots", type=int, default=4, help="experiment slots for throughput (capped by cores)")
-    return asyncio.run(main_async(parser.parse_args()))
+    return asyncio.run(main_async(broker_arguments(__doc__)))
 
 
 if __name__ == "__main__":

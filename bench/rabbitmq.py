@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import aiormq
 from dispatch import QUEUE as LOCAL_QUEUE
-from dispatch import Bench, latency, percentile, report, throughput
+from dispatch import Bench, broker_arguments, latency, report_broker, throughput
 
 from runner.queues.rabbitmq import EXCHANGE, ROUTING_PREFIX, publish_request, request_properties
 
@@ -35,8 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.integration.rabbitmq.node import RabbitNode
 
 RMQ_QUEUE = "rmq_bench"
-TARGET_EXTRA_S = 0.050
-TARGET_RATE = 5.0
 
 
 class RabbitBench(Bench):
@@ -99,38 +96,12 @@ async def main_async(args: argparse.Namespace) -> int:
                 runner.wait(60)
     finally:
         node.close()
-    local_median = statistics.median(local)
-    rmq_median, rmq_p95 = statistics.median(rmq), percentile(rmq, 0.95)
-    extra = rmq_median - local_median
-    print(
-        f"RabbitMQ dispatch: {args.count} experiments one at a time, burst of {args.burst} with {slots} slots, "
-        f"{os.cpu_count()} cores"
-    )
-    report("baseline: local queue, median", f"{local_median * 1000:.1f} ms", "-", True, "(same runner, same run)")
-    report(
-        "publish → first line, median",
-        f"{rmq_median * 1000:.1f} ms",
-        f"≤ +{TARGET_EXTRA_S * 1000:.0f} ms",
-        extra <= TARGET_EXTRA_S,
-        f"{extra * 1000:+.1f} ms vs the local queue ({rmq_median / local_median:.2f}×); studio-go-runner 14.4 s",
-    )
-    report("publish → first line, p95", f"{rmq_p95 * 1000:.1f} ms", "-", True)
-    report(
-        f"trivial experiments per second, {slots} slots",
-        f"{rate:.1f} /s",
-        f"≥ {TARGET_RATE:.0f} /s",
-        rate >= TARGET_RATE,
-        "studio-go-runner 0.047 /s (2.8 per minute)",
-    )
+    report_broker("RabbitMQ dispatch", args, slots, local, rmq, rate)
     return 0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=50, help="experiments for the latency figures (≥ 50)")
-    parser.add_argument("--burst", type=int, default=40, help="experiments published at once for throughput")
-    parser.add_argument("--slots", type=int, default=4, help="experiment slots for throughput (capped by cores)")
-    return asyncio.run(main_async(parser.parse_args()))
+    return asyncio.run(main_async(broker_arguments(__doc__)))
 
 
 if __name__ == "__main__":
