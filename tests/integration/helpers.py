@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import subprocess
 import time
@@ -76,6 +77,29 @@ class LoopbackProxy:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+    async def _upstream(
+        self, request: web.Request, body: bytes, dropped: frozenset[str]
+    ) -> tuple[int, dict[str, str], bytes, str]:
+        """Send ``request`` with ``body`` on to the real server, keeping the Host it was asked on (servers build
+        URLs from it); its status, headers (without the ``dropped`` ones), body and Content-Length (which a HEAD
+        answer carries with no body)."""
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
+        headers["Host"] = request.headers.get("Host", self.host)
+        async with self._session.request(
+            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=io.BytesIO(body)
+        ) as upstream:
+            payload = await upstream.read()
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
+            return upstream.status, out_headers, payload, upstream.headers.get("Content-Length", "0")
+
+
+def flip_middle_byte(data: bytes) -> bytes:
+    """``data`` with one byte damaged, as a faulty network or disk would."""
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0xFF
+    return bytes(damaged)
 
 
 def random_file(path: Path, size: int) -> str:

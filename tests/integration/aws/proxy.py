@@ -9,12 +9,11 @@ or answers 503 to everything for a while.
 from __future__ import annotations
 
 import asyncio
-import io
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from tests.integration.helpers import LoopbackProxy
+from tests.integration.helpers import LoopbackProxy, flip_middle_byte
 
 _INVALID_ARGUMENT = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidArgument</Code>'
@@ -24,7 +23,7 @@ _UNAVAILABLE = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
     b"<Message>Service Unavailable</Message></Error>"
 )
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"})
 
 
 @dataclass
@@ -46,22 +45,13 @@ class DamagingProxy(LoopbackProxy):
         if self.refuse_checksums and "uploads" in request.query and "x-amz-checksum-algorithm" in request.headers:
             self.checksums_refused += 1
             return web.Response(status=400, content_type="application/xml", body=_INVALID_ARGUMENT)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers["Host"] = request.headers.get("Host", self.host)
-        async with self._session.request(
-            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=io.BytesIO(body)
-        ) as upstream:
-            payload = await upstream.read()
-            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-            status = upstream.status
+        status, out_headers, payload, length = await self._upstream(request, body, _HOP_BY_HOP)
         is_object_get = request.method == "GET" and not request.query_string and status in (200, 206) and payload
         if is_object_get:
             self.object_gets += 1
             if self.corrupt > 0:
                 self.corrupt -= 1
-                damaged = bytearray(payload)
-                damaged[len(damaged) // 2] ^= 0xFF
-                payload = bytes(damaged)
+                payload = flip_middle_byte(payload)
             elif self.truncate > 0:
                 self.truncate -= 1
                 response = web.StreamResponse(status=status, headers=out_headers)
@@ -73,7 +63,6 @@ class DamagingProxy(LoopbackProxy):
                 request.transport.close()
                 return response
         if request.method == "HEAD":  # no body, but the length the object has
-            length = upstream.headers.get("Content-Length", "0")
             response = web.StreamResponse(status=status, headers=out_headers)
             response.headers["Content-Length"] = length
             await response.prepare(request)

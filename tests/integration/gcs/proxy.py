@@ -9,14 +9,13 @@ can tell which kind of upload the store made.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.integration.helpers import LoopbackProxy
+from tests.integration.helpers import LoopbackProxy, flip_middle_byte
 
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host"})
 
 
 @dataclass(frozen=True)
@@ -58,24 +57,13 @@ class DamagingProxy(LoopbackProxy):
         carries_bytes = seen.path.startswith("/upload/") and (seen.upload_type != "resumable" or seen.method == "PUT")
         if carries_bytes and body and self.corrupt_uploads > 0:
             self.corrupt_uploads -= 1
-            damaged = bytearray(body)
-            damaged[len(damaged) // 2] ^= 0xFF
-            body = bytes(damaged)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        # The server builds a resumable upload's session URL from the Host it was asked on: keep it the proxy's.
-        headers["Host"] = request.headers.get("Host", f"127.0.0.1:{self.port}")
-        async with self._session.request(
-            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=io.BytesIO(body)
-        ) as upstream:
-            payload = await upstream.read()
-            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-            status = upstream.status
+            body = flip_middle_byte(body)
+        # The server builds a resumable upload's session URL from the Host it was asked on: the proxy's.
+        status, out_headers, payload, _ = await self._upstream(request, body, _HOP_BY_HOP)
         is_media_get = request.method == "GET" and request.query.get("alt") == "media" and status in (200, 206)
         if is_media_get and payload:
             self.media_gets += 1
             if self.corrupt > 0:
                 self.corrupt -= 1
-                damaged = bytearray(payload)
-                damaged[len(damaged) // 2] ^= 0xFF
-                payload = bytes(damaged)
+                payload = flip_middle_byte(payload)
         return web.Response(status=status, headers=out_headers, body=payload)
