@@ -62,6 +62,7 @@ class Settings:
     max_mem: int  # bytes; 0 = all available RAM
     max_disk: int  # bytes all experiments together may reserve; 0 = free space above a 10 % reserve
     cpu_only: bool
+    require_gpu: bool  # refuse to start without a usable GPU, even where no NVIDIA driver is installed
     debug: bool
     allow_env_secrets: bool
     prom_address: str  # "" when the HTTP server is off
@@ -686,6 +687,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "false",
         _BOOL_FORM,
         "use no GPUs, even when this machine has some",
+        switch=True,
+    ),
+    _Option(
+        "require-gpu",
+        _RESOURCES,
+        _bool,
+        "false",
+        _BOOL_FORM,
+        "refuse to start without a usable GPU; without it a machine with no NVIDIA driver at all runs CPU-only work",
         switch=True,
     ),
     _Option(

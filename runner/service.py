@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runner import backends
@@ -128,14 +128,7 @@ class Runner:
             )
             gpus = await gpu.take_inventory(self.environ, cpu_only=s.cpu_only)
             if not s.cpu_only and not gpus.healthy:
-                # Like studio-go-runner: a GPU runner without a usable GPU would only hand work back.
-                reason = gpus.note or f"every GPU is excluded for faults: {gpus.summary()}"
-                log.error(
-                    f"refusing to start: no usable GPU ({reason}); "
-                    "start with --cpu-only (CPU_ONLY=true) to run CPU-only experiments",
-                    extra={"host": self.host},
-                )
-                raise StartupRefused(reason)
+                gpus = self._without_gpus(gpus)
             self.allocator = Allocator(capacity, on_change=self._publish_capacity, gpus=gpus)
             self._publish_capacity(self.allocator)
             self.intake = Intake(self.allocator, limit_tasks=s.limit_tasks)
@@ -198,6 +191,26 @@ class Runner:
                     watchdog.cancel()
                     gpu_faults.cancel()
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
+
+    def _without_gpus(self, gpus: gpu.GpuInventory) -> gpu.GpuInventory:
+        """No usable GPU was found: serve CPU-only work where no NVIDIA driver is installed at all (a workstation, a
+        CPU node), refuse to start otherwise. A GPU node whose driver, device plugin or cards are broken must not
+        quietly turn into a CPU runner (studio-go-runner refused too); ``--require-gpu`` makes a missing driver such a
+        case as well (the gpu overlay sets it)."""
+        if gpus.no_driver and not self.settings.require_gpu:
+            log.warning(
+                "no NVIDIA driver on this machine: serving CPU-only experiments (--require-gpu refuses instead)",
+                extra={"host": self.host, "reason": gpus.note},
+            )
+            return replace(gpus, note="no NVIDIA driver")
+        # Like studio-go-runner: a GPU runner without a usable GPU would only hand work back.
+        reason = gpus.note or f"every GPU is excluded for faults: {gpus.summary()}"
+        log.error(
+            f"refusing to start: no usable GPU ({reason}); "
+            "start with --cpu-only (CPU_ONLY=true) to run CPU-only experiments",
+            extra={"host": self.host},
+        )
+        raise StartupRefused(reason)
 
     async def _open_brokers(self, stack: AsyncExitStack) -> list[Broker]:
         if self._brokers is not None:

@@ -65,6 +65,9 @@ class GpuInventory:
     driver: str = ""  # NVIDIA driver version
     note: str = ""  # why there are no devices ("--cpu-only", "NVML unavailable: Driver Not Loaded", ...)
     warnings: tuple[str, ...] = ()  # things left out, for the log
+    # No NVIDIA driver is installed at all (NVML's library is not on this machine): a workstation or CPU node, not a
+    # GPU node whose driver is broken. The runner may then serve CPU-only work unless --require-gpu says otherwise.
+    no_driver: bool = False
 
     @property
     def healthy(self) -> tuple[GpuDevice, ...]:
@@ -154,6 +157,8 @@ def read_inventory(visible: tuple[str, str] | None) -> GpuInventory:
     devices: list[GpuDevice] = []
     try:
         pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound as err:
+        return GpuInventory(note=f"NVML unavailable: {err}", no_driver=True)
     except pynvml.NVMLError as err:
         return GpuInventory(note=f"NVML unavailable: {err}")
     try:

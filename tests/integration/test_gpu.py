@@ -120,3 +120,35 @@ def test_cpu_only_uses_no_gpu_even_when_the_machine_has_some(sandbox: Sandbox, n
     assert sandbox.results(gpu_key) is None and len(sandbox.queue_files("local_gpu")) == 1
     started = next(e for e in runner.events() if e.get("message") == "runner started")
     assert started["gpus"] == "none (--cpu-only)"
+
+
+def test_a_machine_without_an_nvidia_driver_serves_cpu_work_with_one_clear_line(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    ws = sandbox.workspace("laptop", {"show.py": SHOW_GPUS})
+    key = sandbox.submit(ws, "show.py")
+    no_driver = tmp_path / "no-driver"  # nothing named libnvidia-ml.so.1 on the library path: no driver installed
+    no_driver.mkdir()
+    runner = sandbox.start("--limit-tasks", "1", CPU_ONLY="false", LD_LIBRARY_PATH=str(no_driver))
+    assert runner.wait(60) == 0, runner.log.read_text()
+    results = sandbox.results(key)
+    assert results is not None and results["outcome"] == "succeeded", results
+    assert "cuda -1\n" in sandbox.output(key)
+    [warning] = [e for e in runner.events() if e.get("level") == "WARNING" and e.get("logger") == "runner.service"]
+    assert warning["message"] == (
+        "no NVIDIA driver on this machine: serving CPU-only experiments (--require-gpu refuses instead)"
+    )
+    started = next(e for e in runner.events() if e.get("message") == "runner started")
+    assert started["gpus"] == "none (no NVIDIA driver)"
+
+
+def test_require_gpu_refuses_a_machine_without_an_nvidia_driver(sandbox: Sandbox, tmp_path: Path) -> None:
+    no_driver = tmp_path / "no-driver"
+    no_driver.mkdir()
+    refused = sandbox.start("--require-gpu", CPU_ONLY="false", LD_LIBRARY_PATH=str(no_driver))
+    assert refused.wait(30) == 1
+    [error] = [e for e in refused.events() if e.get("level") == "ERROR"]
+    assert error["message"] == (
+        "refusing to start: no usable GPU (NVML unavailable: NVML Shared Library Not Found); "
+        "start with --cpu-only (CPU_ONLY=true) to run CPU-only experiments"
+    )

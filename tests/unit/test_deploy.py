@@ -63,7 +63,7 @@ def test_the_rabbitmq_overlay_takes_its_url_from_a_secret() -> None:
 
 def test_the_gpu_overlay_asks_for_a_gpu_and_lets_the_runner_insist_on_one() -> None:
     manifests = build(DEPLOY / "overlays" / "gpu")
-    assert settings(manifests)["CPU_ONLY"] == "false"
+    assert settings(manifests)["CPU_ONLY"] == "false" and settings(manifests)["REQUIRE_GPU"] == "true"
     assert runner_container(manifests)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     tolerations = manifests["Deployment"]["spec"]["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
