@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from runner import __version__, logs
 from runner.config import ConfigError, load_settings, main_error
-from runner.service import Runner, StartupRefused
 
 COMMANDS = ("serve", "submit", "show", "stop", "check", "version")
 
@@ -23,6 +22,9 @@ def serve(argv: Sequence[str]) -> int:
         print(main_error(err), file=sys.stderr)
         return 2
     logs.configure(settings.log_format, debug=settings.debug)
+    # Imported here, not at the top: `--help` and bad options are answered without loading any broker stack.
+    from runner.service import Runner, StartupRefused
+
     try:
         asyncio.run(Runner(settings).serve())
     except KeyboardInterrupt:  # a signal that arrived before the handlers were installed

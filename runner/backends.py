@@ -10,11 +10,12 @@ import logging
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 
+from runner.amqp_endpoint import AmqpEndpoint
 from runner.config import Settings
 from runner.queues.base import Broker
 from runner.queues.local import LocalBroker
 from runner.queues.pubsub import PubSubBroker
-from runner.queues.rabbitmq import AmqpEndpoint, RabbitBroker
+from runner.queues.rabbitmq import RabbitBroker
 from runner.queues.sqs import SqsBroker
 from runner.storage.base import ObjectStore
 from runner.storage.file import FileStore

@@ -21,9 +21,9 @@ from typing import Any, NoReturn
 
 import platformdirs
 
+from runner.amqp_endpoint import AmqpEndpoint, redact_url
 from runner.expand import expand_variables
 from runner.queues.matcher import DEFAULT_MATCH, QueueMatcher
-from runner.queues.rabbitmq import AmqpEndpoint, redact_url
 from runner.units import DURATION_FORM, SIZE_FORM, format_duration, format_size, parse_duration, parse_size
 
 PROG = "python -m runner"

@@ -27,10 +27,11 @@ from typing import Any, TypeVar
 
 from platformdirs import user_data_path
 
+from runner.amqp_endpoint import AmqpEndpoint, redact_url
 from runner.expand import expand_variables
 from runner.queues.local import LocalBroker
 from runner.queues.matcher import QueueMatcher
-from runner.queues.rabbitmq import AmqpEndpoint, BrokerUnavailable, redact_url, submit_request
+from runner.queues.rabbitmq import BrokerUnavailable, submit_request
 from runner.storage.archive import pack
 from runner.storage.file import file_url
 

@@ -16,7 +16,8 @@ from urllib.parse import quote
 import aiormq
 import pytest
 
-from runner.queues.rabbitmq import ALIVE_PREFIX, HELD_PREFIX, AmqpEndpoint, publish_request
+from runner.amqp_endpoint import AmqpEndpoint
+from runner.queues.rabbitmq import ALIVE_PREFIX, HELD_PREFIX, publish_request
 from runner.storage.archive import pack
 from runner.storage.file import file_url
 from tests.integration.conftest import Sandbox

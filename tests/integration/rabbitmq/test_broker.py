@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from runner.amqp_endpoint import AmqpEndpoint
 from runner.intake import Intake
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
@@ -19,7 +20,6 @@ from runner.queues.rabbitmq import (
     DELIVERIES_HEADER,
     QUEUE_HEADER,
     REASON_HEADER,
-    AmqpEndpoint,
     BrokerUnavailable,
     RabbitBroker,
     RabbitDelivery,

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from runner.amqp_endpoint import AmqpEndpoint, redact_url
 from runner.config import ConfigError, load_settings
 from runner.expand import expand_variables
-from runner.queues.rabbitmq import (
-    AmqpEndpoint,
-    message_identity,
-    prior_deliveries,
-    redact_url,
-)
+from runner.queues.rabbitmq import message_identity, prior_deliveries
 
 
 def test_the_management_api_is_derived_from_the_amqp_url_as_studio_go_runner_does() -> None:
