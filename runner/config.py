@@ -65,6 +65,7 @@ class Settings:
     require_gpu: bool  # refuse to start without a usable GPU, even where no NVIDIA driver is installed
     debug: bool
     allow_env_secrets: bool
+    metrics_queue_limit: int  # queues labelled by name in /metrics; the rest are counted together
     prom_address: str  # "" when the HTTP server is off
     log_format: str  # auto | text | json
     limit_tasks: int  # 0 = no limit
@@ -779,6 +780,16 @@ _OPTIONS: tuple[_Option, ...] = (
         "listen address of the HTTP server (/metrics, /healthz, /readyz, /status); empty or off disables it",
         metavar="ADDR",
         blank_is_value=True,
+    ),
+    _Option(
+        "metrics-queue-limit",
+        _OPERATIONS,
+        _count,
+        "200",
+        "a whole number",
+        "queues labelled by name in /metrics at a time; series of further queues are summed under "
+        "queue='_other', and a queue's series go when the queue does",
+        metavar="N",
     ),
     _Option(
         "log-format",

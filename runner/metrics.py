@@ -1,6 +1,9 @@
 """Every Prometheus metric the runner exports, in one place, on a registry owned by the Runner.
 
-Labels stay bounded (queue, broker, outcome, phase…); experiment keys are never labels.
+Labels stay bounded (queue, broker, outcome, phase…); experiment keys are never labels. Queue names come from users,
+who may create thousands: at most ``queue_label_limit`` queues are labelled by name at a time, the others are counted
+together under ``OTHER_QUEUES``, and the series of a queue are removed when its queue goes away (once nothing of it
+runs), so a scrape stays small whatever users create.
 """
 
 from __future__ import annotations
@@ -16,13 +19,19 @@ from runner import __version__
 if TYPE_CHECKING:
     from runner.resources.gpu import GpuDevice
 
+OTHER_QUEUES = "_other"  # the queue label of queues beyond the limit
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _PHASE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, queue_label_limit: int | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.queue_label_limit = queue_label_limit  # None: every queue by name (the runner passes its setting)
+        self._labelled: set[str] = set()  # queues that have series under their own name
+        self._running: dict[str, int] = {}  # experiments running, by queue label
+        self._gone: set[str] = set()  # labelled queues that went away while something of theirs still ran
         r = self.registry
         self.build_info = Gauge(
             "runner_build_info", "Version of this runner", ["version", "python_version"], registry=r
@@ -107,6 +116,47 @@ class Metrics:
         self.draining = Gauge("runner_draining", "1 while the runner drains before exit", registry=r)
         self.loop_lag = Gauge("runner_event_loop_lag_seconds", "Last measured event loop lag", registry=r)
 
+    # --- per-queue series ----------------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> str:
+        """The queue label for ``name``: its own name while fewer than ``queue_label_limit`` queues are labelled."""
+        if name in self._labelled:
+            self._gone.discard(name)
+            return name
+        if self.queue_label_limit is None or len(self._labelled) < self.queue_label_limit:
+            self._labelled.add(name)
+            return name
+        return OTHER_QUEUES
+
+    def experiment_started(self, queue: str) -> None:
+        label = self.queue(queue)
+        self._running[label] = self._running.get(label, 0) + 1
+        self.tasks_running.labels(label).inc()
+
+    def experiment_ended(self, queue: str) -> None:
+        label = queue if queue in self._labelled else OTHER_QUEUES
+        self._running[label] = max(0, self._running.get(label, 0) - 1)
+        self.tasks_running.labels(label).dec()
+        if label in self._gone and not self._running[label]:
+            self._remove_queue(label)
+
+    def forget_queue(self, name: str) -> None:
+        """``name`` went away: remove its series now, or when its last running experiment ends."""
+        if name not in self._labelled:
+            return
+        if self._running.get(name):
+            self._gone.add(name)
+        else:
+            self._remove_queue(name)
+
+    def _remove_queue(self, name: str) -> None:
+        for metric in (self.messages_received, self.tasks_finished, self.tasks_running, self.requeues):
+            for values in _series_of_queue(metric, name):
+                metric.remove(*values)
+        self._labelled.discard(name)
+        self._gone.discard(name)
+        self._running.pop(name, None)
+
     def publish_gpus(self, devices: Sequence[GpuDevice], busy: Collection[str], driver: str) -> None:
         """GPU devices free, busy (held by an experiment) and unhealthy, and one info series per device."""
         held = sum(1 for d in devices if d.uuid in busy)
@@ -121,3 +171,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _series_of_queue(metric: Counter | Gauge, queue: str) -> set[tuple[str, ...]]:
+    """The label values (in label-name order, as ``remove`` takes them) of every series of ``queue``."""
+    return {
+        tuple(sample.labels.values())
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.labels.get("queue") == queue and not sample.name.endswith("_created")
+    }

@@ -98,7 +98,7 @@ class Runner:
     ) -> None:
         self.settings = settings
         self.environ = dict(os.environ if environ is None else environ)
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(queue_label_limit=settings.metrics_queue_limit)
         self.host = socket.gethostname()
         self.policy = SettlePolicy(retry_failed=settings.retry_failed, max_deliveries=settings.max_deliveries)
         self._brokers = list(brokers) if brokers is not None else None
@@ -303,6 +303,8 @@ class Runner:
                             log.info("queue gone: no longer consumed", extra={"queue": str(queue)})
                             task.cancel()
                         del consumers[queue]
+                        if queue not in found:
+                            self.metrics.forget_queue(queue.name)
                 for queue in sorted(found - consumers.keys()):
                     log.info("consuming queue", extra={"queue": str(queue)})
                     consumers[queue] = tg.create_task(self._consume(broker, queue))
@@ -314,7 +316,7 @@ class Runner:
         try:
             async for delivery in broker.consume(queue, self.intake.credit(queue)):
                 self._last_activity = time.monotonic()
-                self.metrics.messages_received.labels(broker.name, queue.name).inc()
+                self.metrics.messages_received.labels(broker.name, self.metrics.queue(queue.name)).inc()
                 decision = self._admit(delivery)
                 self._experiments.create_task(self._process(delivery, decision))
         except QueueGone:
@@ -358,9 +360,10 @@ class Runner:
     async def _process(self, delivery: Delivery, decision: Admission | Refusal) -> None:
         extra = {"queue": str(delivery.queue), "message_id": delivery.message_id, "attempt": delivery.attempt}
         if isinstance(decision, Refusal):
-            self.metrics.requeues.labels(delivery.queue.name, decision.reason).inc()
+            queue_label = self.metrics.queue(delivery.queue.name)
+            self.metrics.requeues.labels(queue_label, decision.reason).inc()
             if decision.outcome is not None:
-                self.metrics.tasks_finished.labels(delivery.queue.name, str(decision.outcome)).inc()
+                self.metrics.tasks_finished.labels(queue_label, str(decision.outcome)).inc()
             log.warning("message not run: " + decision.settlement.reason, extra=extra)
             await self._settle(delivery, decision.settlement, extra)
             return
@@ -383,8 +386,7 @@ class Runner:
             interrupt_reason=lambda: _interrupt_reason(lease_ending),
         )
         self._running[key] = Running(experiment, delivery.queue)
-        running = self.metrics.tasks_running.labels(delivery.queue.name)
-        running.inc()
+        self.metrics.experiment_started(delivery.queue.name)
         started = time.monotonic()
         result: ExperimentResult | None = None
         try:
@@ -405,7 +407,7 @@ class Runner:
         finally:
             self.allocator.release(decision.allocation)
             self._running.pop(key, None)
-            running.dec()
+            self.metrics.experiment_ended(delivery.queue.name)
             self._last_activity = time.monotonic()
             if result is None:
                 result = ExperimentResult(Outcome.INTERRUPTED, "the runner stopped before the experiment finished")
@@ -414,7 +416,7 @@ class Runner:
                 await asyncio.shield(experiment.record.dead_lettered(result.outcome))
             if result.outcome is Outcome.SUCCEEDED:
                 self._remember_success(key)
-            self.metrics.tasks_finished.labels(delivery.queue.name, str(result.outcome)).inc()
+            self.metrics.tasks_finished.labels(self.metrics.queue(delivery.queue.name), str(result.outcome)).inc()
             log.info(
                 "experiment finished",
                 extra={

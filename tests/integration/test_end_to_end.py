@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,3 +219,13 @@ def test_a_queue_created_while_the_runner_runs_is_served_within_seconds(sandbox:
     assert results["outcome"] == "succeeded"
     assert time.monotonic() - submitted < 5
     assert runner.wait(30) == 0
+
+
+def test_a_queue_that_goes_away_leaves_no_series_in_metrics(sandbox: Sandbox) -> None:
+    ws = sandbox.workspace("gone", {"hi.py": "print('hi')\n"})
+    key = sandbox.submit(ws, "hi.py", options=("--queue", "local_brief"))
+    runner = sandbox.start()
+    assert sandbox.wait_results(key)["outcome"] == "succeeded"
+    wait_until(lambda: 'queue="local_brief"' in runner.get("/metrics")[1], 30, "series of local_brief")
+    shutil.rmtree(sandbox.queue_root / "local_brief")
+    wait_until(lambda: "local_brief" not in runner.get("/metrics")[1], 30, "the series of local_brief to go")
