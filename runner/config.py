@@ -425,9 +425,10 @@ _OPTIONS: tuple[_Option, ...] = (
         "poll-interval",
         _QUEUES,
         _positive_duration,
-        "20ms",
+        "1s",
         f"{DURATION_FORM}, above 0",
-        "how often idle local queues are scanned",
+        "how often local queue directories on network filesystems (NFS, EFS, SMB) are looked at for messages "
+        "written by other machines; elsewhere the kernel reports new messages at once",
         metavar="DURATION",
     ),
     _Option(

@@ -22,6 +22,10 @@ Guarantees:
 * The delivery attempt lives in the file name. A message is renamed to its next-attempt name as it is claimed, so a
   delivery counts from the moment it is taken, even if its runner is killed before settling it.
 * A file's mtime orders the queue (oldest first) and, when in the future, means "not before" (delayed requeue).
+
+Costs: an idle queue costs nothing (its consumer waits for the kernel to report a change, see local_changes.py), and a
+claim never lists a large queue whole: each queue keeps its oldest ``_Backlog.WINDOW`` messages in order and lists
+the directory again only once those are taken, keeping the oldest of the listing in a bounded heap.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import heapq
 import json
 import logging
 import os
 import re
 import socket
+import stat
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -46,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import filelock
 
 from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.queues.local_changes import DirectoryChanges, DirectoryWatch
 from runner.queues.matcher import QueueMatcher
 
 if TYPE_CHECKING:
@@ -88,29 +96,117 @@ def _check_component(kind: str, name: str) -> None:
         raise ValueError(f"{kind} {name!r} cannot name a directory entry (empty, starts with '.', or has '/')")
 
 
-def _scan_messages(queue_dir: Path) -> list[tuple[int, str]]:
-    """(mtime_ns, name) of every message file in ``queue_dir``; raises FileNotFoundError/NotADirectoryError."""
-    found: list[tuple[int, str]] = []
+def _iter_messages(queue_dir: Path) -> Iterator[tuple[int, str]]:
+    """(mtime_ns, name) of each message file in ``queue_dir``; raises FileNotFoundError/NotADirectoryError."""
     with os.scandir(queue_dir) as entries:
         for entry in entries:
             if not _is_message_name(entry.name):
                 continue
             try:
                 if entry.is_file(follow_symlinks=False):
-                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+                    yield entry.stat(follow_symlinks=False).st_mtime_ns, entry.name
             except FileNotFoundError:  # taken or settled by someone else since the listing
                 continue
-    return found
 
 
-def _ready_messages(queue_dir: Path, queue: QueueRef) -> list[str]:
-    """Names of the messages that may be taken now, oldest first; raises QueueGone when the directory is gone."""
-    try:
-        found = _scan_messages(queue_dir)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise QueueGone(f"{queue}: directory {queue_dir} is gone") from exc
-    now_ns = time.time_ns()
-    return [name for mtime_ns, name in sorted(found) if mtime_ns <= now_ns]
+def _scan_messages(queue_dir: Path) -> list[tuple[int, str]]:
+    """(mtime_ns, name) of every message file in ``queue_dir``; raises FileNotFoundError/NotADirectoryError."""
+    return list(_iter_messages(queue_dir))
+
+
+class _Backlog:
+    """The oldest messages of one queue directory, in order: at most about ``WINDOW`` of them, so that a claim
+    neither lists a large queue whole nor holds it in memory.
+
+    A listing keeps the ``WINDOW`` oldest messages (a bounded heap over the directory stream). Messages reported
+    since (``note``) join when they are older than the newest one kept, or when the listing held the whole queue;
+    the rest wait for the next listing, made once the window is used up or when changes were not reported by name.
+    Fed from the event loop and read by claim threads, hence the lock.
+    """
+
+    WINDOW: Final = 512
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heap: list[tuple[int, str]] = []
+        self._known: dict[str, int] = {}  # name -> mtime_ns of the messages in the window
+        self._complete = False  # the last listing held every message of the directory
+        self._ceiling = 0  # mtime_ns of the newest message kept when the listing did not hold them all
+        self._stale = True  # list again before the next claim
+        self._arrived: list[str] = []
+
+    def note(self, names: list[str], unknown: bool) -> None:
+        with self._lock:
+            self._arrived.extend(names)
+            self._stale = self._stale or unknown
+
+    def refresh(self, queue_dir: Path, queue: QueueRef) -> None:
+        """Bring the window up to date; raises QueueGone when the directory is gone."""
+        with self._lock:
+            arrived, self._arrived = self._arrived, []
+            if not self._stale:
+                for name in arrived:
+                    self._arrive(queue_dir, name)
+            if self._stale or (not self._known and not self._complete):
+                self._list(queue_dir, queue)
+
+    def _arrive(self, queue_dir: Path, name: str) -> None:
+        if not _is_message_name(name) or name in self._known:
+            return
+        try:
+            st = os.lstat(queue_dir / name)
+        except OSError:
+            return  # taken again, or the queue went (its consumer finds out at the claim)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        if self._complete and len(self._known) >= 2 * self.WINDOW:
+            self._stale = True  # keep memory bounded: the next listing keeps the oldest again
+        elif self._complete or st.st_mtime_ns < self._ceiling:
+            self._known[name] = st.st_mtime_ns
+            heapq.heappush(self._heap, (st.st_mtime_ns, name))
+
+    def _list(self, queue_dir: Path, queue: QueueRef) -> None:
+        seen = 0
+
+        def counted() -> Iterator[tuple[int, str]]:
+            nonlocal seen
+            for item in _iter_messages(queue_dir):
+                seen += 1
+                yield item
+
+        try:
+            oldest = heapq.nsmallest(self.WINDOW, counted())
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise QueueGone(f"{queue}: directory {queue_dir} is gone") from exc
+        self._heap = oldest  # sorted, hence a heap
+        self._known = {name: mtime for mtime, name in oldest}
+        self._complete = seen <= self.WINDOW
+        self._ceiling = oldest[-1][0] if oldest and not self._complete else 0
+        self._stale = False
+
+    def ready(self, now_ns: int) -> Iterator[str]:
+        """Names of the messages that may be taken now, oldest first (each until ``taken`` is called for it)."""
+        with self._lock:
+            candidates = sorted(item for item in self._heap if self._known.get(item[1]) == item[0])
+        for mtime_ns, name in candidates:
+            if mtime_ns > now_ns:
+                return
+            yield name
+
+    def taken(self, name: str) -> None:
+        """``name`` left the directory (claimed by this runner or found gone)."""
+        with self._lock:
+            self._known.pop(name, None)
+            while self._heap and self._known.get(self._heap[0][1]) != self._heap[0][0]:
+                heapq.heappop(self._heap)
+
+    def due_in(self, now_ns: int) -> float | None:
+        """Seconds until the oldest message in the window may be taken (0: now); None when the window is empty."""
+        with self._lock:
+            for mtime_ns, name in sorted(self._heap):
+                if self._known.get(name) == mtime_ns:
+                    return max(0.0, (mtime_ns - now_ns) / 1e9)
+        return None
 
 
 def queue_depth(root: Path, queue: str) -> int:
@@ -226,6 +322,14 @@ def _return_to_queue(root: Path, queue: str, claimed: Path, name: str, not_befor
 _QUEUE_REMOVED: Final = "queue directory was removed while the message was held by a runner"
 
 
+class _Locked:
+    """A claim found the client's lock held: a message is being written."""
+
+
+_LOCKED: Final = _Locked()
+_LOCKED_RETRY: Final = 0.02  # seconds until a claim that met the client's lock looks again
+
+
 class LocalDelivery:
     """One message file held in this runner's claim area until it is settled, exactly once."""
 
@@ -334,7 +438,7 @@ class LocalBroker:
         root: Path,
         matcher: QueueMatcher,
         *,
-        poll_interval: float = 0.02,
+        rescan_interval: float = 1.0,
         stale_lock_after: float = 30.0,
         runner_id: str | None = None,
         orphan_sweep_interval: float = 30.0,
@@ -343,13 +447,15 @@ class LocalBroker:
         _check_component("runner id", self.runner_id)
         self.root = Path(root).absolute()
         self._matcher = matcher
-        self._poll_interval = poll_interval
+        self._changes = DirectoryChanges(rescan_interval=rescan_interval)
         self._stale_lock_after = stale_lock_after
         self._orphan_sweep_interval = orphan_sweep_interval
         self._area = self.root / CLAIMED_DIR / self.runner_id
         self._alive_fd: int | None = None
         self._closing = False
-        self._next_sweep = 0.0
+        self._sweeps: asyncio.Task[None] | None = None
+        self._root_watch: DirectoryWatch | None = None  # queues made or removed since the last discovery
+        self._queue_names: list[str] = []
         self._unsettled: set[LocalDelivery] = set()
         self._pending: set[asyncio.Task[Any]] = set()  # claims and give-backs that close() must wait for
 
@@ -375,7 +481,9 @@ class LocalBroker:
             opening.add_done_callback(self._release_abandoned_open)
             raise
         self._closing = False
-        self._next_sweep = time.monotonic() + self._orphan_sweep_interval
+        self._changes.open()
+        self._root_watch = await self._changes.watch(self.root, subdirectories=True)
+        self._sweeps = asyncio.create_task(self._sweep_orphans_forever())
         log.info("local queues open at %s as runner %s", self.root, self.runner_id, extra=self._log_context())
 
     async def close(self) -> None:
@@ -384,6 +492,13 @@ class LocalBroker:
         if fd is None:
             return
         self._closing = True  # consumers stop before their next claim
+        if self._sweeps is not None:
+            self._sweeps.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeps
+            self._sweeps = None
+        await self._changes.close()
+        self._root_watch = None
         while self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         if self._unsettled:
@@ -482,21 +597,25 @@ class LocalBroker:
         except OSError as exc:
             log.error("cannot return message held by dead runner %s: %s", dead_runner, exc, extra=extra)
 
-    async def _sweep_orphans_when_due(self) -> None:
-        now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + self._orphan_sweep_interval
-        try:
-            await asyncio.to_thread(self._recover_orphans_sync)
-        except OSError as exc:  # the next sweep tries again; consuming goes on
-            log.warning("sweep for dead runners' messages failed: %s", exc, extra=self._log_context())
+    async def _sweep_orphans_forever(self) -> None:
+        """Every ``orphan_sweep_interval``, return the messages of runners that died since to their queues (their
+        consumers hear of it as of any new message)."""
+        while True:
+            await asyncio.sleep(self._orphan_sweep_interval)
+            try:
+                await asyncio.to_thread(self._recover_orphans_sync)
+            except OSError as exc:  # the next sweep tries again; consuming goes on
+                log.warning("sweep for dead runners' messages failed: %s", exc, extra=self._log_context())
 
     # -- queues ----------------------------------------------------------------------------------------------------
 
     async def discover(self) -> list[QueueRef]:
-        names = await asyncio.to_thread(self._directory_names_sync)
-        return sorted(QueueRef(BROKER_NAME, name, str(self.root)) for name in names if self._matcher(name))
+        # Listed again only when the kernel reported a directory made or removed under root (or could not tell).
+        if self._root_watch is None or self._root_watch.changed.is_set():
+            if self._root_watch is not None:
+                self._root_watch.take()
+            self._queue_names = sorted(await asyncio.to_thread(self._directory_names_sync))
+        return [QueueRef(BROKER_NAME, name, str(self.root)) for name in self._queue_names if self._matcher(name)]
 
     def _directory_names_sync(self) -> list[str]:
         try:
@@ -537,21 +656,30 @@ class LocalBroker:
         _check_component("queue", queue.name)
         if self._alive_fd is None or self._closing:
             raise RuntimeError(f"{self.runner_id}: open() the broker before consuming")
-        while True:
-            await credit.wait()
-            await self._sweep_orphans_when_due()
-            if self._closing:
-                return  # claiming now would put messages in an area that is being released
-            delivery = await self._claim(queue)
-            if delivery is None:
-                await asyncio.sleep(self._poll_interval)
-                continue
-            yield delivery
+        watch = await self._changes.watch(self.root / queue.name)
+        backlog = _Backlog()
+        try:
+            while True:
+                await credit.wait()
+                if self._closing:
+                    return  # claiming now would put messages in an area that is being released
+                backlog.note(*watch.take())
+                delivery, retry_in = await self._claim(queue, backlog)
+                if delivery is None:
+                    # Nothing to take: wait for the directory to change, the oldest delayed message to come due,
+                    # or a client's lock to be released (retry_in).
+                    due = backlog.due_in(time.time_ns())
+                    await watch.wait(min((t for t in (due, retry_in) if t is not None), default=None))
+                    continue
+                yield delivery
+        finally:
+            self._changes.unwatch(watch)
 
     # -- claiming --------------------------------------------------------------------------------------------------
 
-    async def _claim(self, queue: QueueRef) -> LocalDelivery | None:
-        task = asyncio.create_task(asyncio.to_thread(self._claim_sync, queue))
+    async def _claim(self, queue: QueueRef, backlog: _Backlog) -> tuple[LocalDelivery | None, float | None]:
+        """A delivery, or None and (when a client holds the queue's lock) how soon to look again."""
+        task = asyncio.create_task(asyncio.to_thread(self._claim_sync, queue, backlog))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         try:
@@ -560,25 +688,34 @@ class LocalBroker:
             # The worker thread runs on and may take a message that no one would then settle: hand it back.
             task.add_done_callback(self._give_back_abandoned)
             raise
+        if delivery is _LOCKED:
+            return None, _LOCKED_RETRY
         if delivery is not None:
+            assert isinstance(delivery, LocalDelivery)
             self._unsettled.add(delivery)
             log.info("claimed attempt %d", delivery.attempt, extra=delivery.log_context)
-        return delivery
+            return delivery, None
+        return None, None
 
-    def _give_back_abandoned(self, task: asyncio.Task[LocalDelivery | None]) -> None:
-        if task.cancelled() or task.exception() is not None or (delivery := task.result()) is None:
+    def _give_back_abandoned(self, task: asyncio.Task[LocalDelivery | _Locked | None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        delivery = task.result()
+        if not isinstance(delivery, LocalDelivery):
             return
         give_back = asyncio.get_running_loop().create_task(asyncio.to_thread(delivery._give_back_sync))
         self._pending.add(give_back)
         give_back.add_done_callback(self._pending.discard)
 
-    def _claim_sync(self, queue: QueueRef) -> LocalDelivery | None:
+    def _claim_sync(self, queue: QueueRef, backlog: _Backlog) -> LocalDelivery | _Locked | None:
         queue_dir = self.root / queue.name
-        if not _ready_messages(queue_dir, queue):  # cheap look first, so idle polls never touch the client's lock
+        backlog.refresh(queue_dir, queue)
+        if next(backlog.ready(time.time_ns()), None) is None:  # a look first: an idle queue never touches the lock
             return None
-        taken = self._take_oldest_sync(queue_dir, queue)
-        if taken is None:
-            return None
+        taken = self._take_oldest_sync(queue_dir, queue, backlog)
+        if taken is None or taken is _LOCKED:
+            return taken
+        assert isinstance(taken, tuple)
         claimed, taken_as = taken
         try:
             body = claimed.read_bytes()
@@ -596,7 +733,9 @@ class LocalBroker:
             on_settled=self._unsettled.discard,
         )
 
-    def _take_oldest_sync(self, queue_dir: Path, queue: QueueRef) -> tuple[Path, str] | None:
+    def _take_oldest_sync(
+        self, queue_dir: Path, queue: QueueRef, backlog: _Backlog
+    ) -> tuple[Path, str] | _Locked | None:
         """Rename the oldest ready message into the claim area under the client's lock; (claimed path, old name)."""
         directory = _identity(queue_dir, queue)
         lock_path = queue_dir / CLIENT_LOCK_NAME
@@ -605,27 +744,29 @@ class LocalBroker:
         try:
             lock.acquire()
         except filelock.Timeout:
-            return None  # a client is writing a message; look again at the next poll
+            return _LOCKED  # a client is writing a message; look again soon
         try:
             # filelock creates a missing parent directory; a queue removed since the look above must stay removed.
             if _identity_or_none(queue_dir) == directory:
-                return self._rename_oldest_sync(queue_dir, queue)
+                return self._rename_oldest_sync(queue_dir, queue, backlog)
         finally:
             lock.release()
         with contextlib.suppress(OSError):
             queue_dir.rmdir()  # only if empty: a client may have re-created the queue with a message in it
         raise QueueGone(f"{queue}: directory {queue_dir} was removed")
 
-    def _rename_oldest_sync(self, queue_dir: Path, queue: QueueRef) -> tuple[Path, str] | None:
+    def _rename_oldest_sync(self, queue_dir: Path, queue: QueueRef, backlog: _Backlog) -> tuple[Path, str] | None:
         claim_dir = self._area / queue.name
         claim_dir.mkdir(exist_ok=True)
-        for name in _ready_messages(queue_dir, queue):
+        for name in backlog.ready(time.time_ns()):
             stem, attempt = parse_message_name(name)
             claimed = claim_dir / message_name(stem, attempt + 1)
             try:
                 (queue_dir / name).rename(claimed)
             except FileNotFoundError:
+                backlog.taken(name)
                 continue  # another runner renamed it first
+            backlog.taken(name)
             return claimed, name
         return None
 

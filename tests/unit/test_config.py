@@ -37,7 +37,7 @@ def test_defaults_with_an_empty_environment() -> None:
     assert (s.prom_address, s.log_format) == (":9090", "auto")
     assert (s.limit_tasks, s.limit_idle_duration, s.limit_interval) == (0, 0.0, 300.0)
     assert (s.stop_grace, s.drain_timeout, s.status_interval) == (30.0, 30.0, 10.0)
-    assert (s.retry_failed, s.max_deliveries, s.poll_interval) == (0, 5, 0.02)
+    assert (s.retry_failed, s.max_deliveries, s.poll_interval) == (0, 5, 1.0)
 
 
 def test_queue_root_defaults_to_the_studioml_clients_queue_under_studioml_home(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def broker(root: Path) -> AsyncIterator[LocalBroker]:
-    async with LocalBroker(root, MATCHER, poll_interval=POLL, runner_id="r1") as opened:
+    async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="r1") as opened:
         yield opened
 
 
@@ -257,7 +257,7 @@ async def test_two_runners_racing_for_fifty_messages_take_each_exactly_once(brok
             if sum(map(len, taken.values())) >= 50:
                 all_taken.set()
 
-    other = LocalBroker(broker.root, MATCHER, poll_interval=POLL, runner_id="r2")
+    other = LocalBroker(broker.root, MATCHER, rescan_interval=POLL, runner_id="r2")
     async with other, asyncio.TaskGroup() as group:
         drains = [group.create_task(drain(broker)), group.create_task(drain(other))]
         await asyncio.wait_for(all_taken.wait(), 4)
@@ -391,7 +391,7 @@ class Always:
 
 async def main():
     root = Path(sys.argv[1])
-    broker = LocalBroker(root, QueueMatcher.from_strings(), poll_interval=0.005, runner_id="doomed")
+    broker = LocalBroker(root, QueueMatcher.from_strings(), rescan_interval=0.005, runner_id="doomed")
     await broker.open()
     async for delivery in broker.consume(QueueRef("local", sys.argv[2], str(root)), Always()):
         print(delivery.message_id, flush=True)
@@ -421,7 +421,7 @@ async def test_messages_held_by_a_killed_runner_return_to_their_queue_when_a_run
     message_id = await LocalBroker(root, MATCHER).publish(QUEUE, b'{"survives": true}')
     await runner_killed_holding_a_message(root)
 
-    async with LocalBroker(root, MATCHER, poll_interval=POLL, runner_id="heir") as heir:
+    async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="heir") as heir:
         assert message_files(root, message_id) == [Path(QUEUE, f"{message_id}.attempt-2")]
         assert not (root / ".claimed" / "doomed").exists()
         delivery = await take(heir)
@@ -431,7 +431,7 @@ async def test_messages_held_by_a_killed_runner_return_to_their_queue_when_a_run
 
 
 async def test_a_running_runner_adopts_the_messages_of_a_runner_killed_meanwhile(root: Path) -> None:
-    async with LocalBroker(root, MATCHER, poll_interval=POLL, runner_id="heir", orphan_sweep_interval=0.05) as heir:
+    async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="heir", orphan_sweep_interval=0.05) as heir:
         message_id = await heir.publish(QUEUE, b"{}")
         await runner_killed_holding_a_message(root)  # heir was open all along, so only its periodic sweep finds it
 
@@ -442,17 +442,17 @@ async def test_a_running_runner_adopts_the_messages_of_a_runner_killed_meanwhile
 
 
 async def test_messages_left_unsettled_at_close_return_at_the_next_open(root: Path) -> None:
-    async with LocalBroker(root, MATCHER, poll_interval=POLL, runner_id="first") as first:
+    async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="first") as first:
         message_id = await first.publish(QUEUE, b"{}")
         await take(first)  # never settled
 
     assert message_files(root, message_id) == [Path(".claimed", "first", QUEUE, f"{message_id}.attempt-2")]
-    async with LocalBroker(root, MATCHER, poll_interval=POLL, runner_id="second"):
+    async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="second"):
         assert message_files(root, message_id) == [Path(QUEUE, f"{message_id}.attempt-2")]
 
 
 async def test_a_clean_close_leaves_no_claim_area(root: Path) -> None:
-    async with LocalBroker(root, MATCHER, poll_interval=POLL) as runner:
+    async with LocalBroker(root, MATCHER, rescan_interval=POLL) as runner:
         await runner.publish(QUEUE, b"{}")
         await (await take(runner)).ack()
 
