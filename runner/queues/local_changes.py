@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from pathlib import Path
@@ -121,7 +122,7 @@ class DirectoryChanges:
                 self._by_wd[watch.wd] = watch
             except OSError as err:
                 watch.events_complete = False
-                if not self._warned_watch_limit:
+                if err.errno not in (errno.ENOENT, errno.ENOTDIR) and not self._warned_watch_limit:
                     self._warned_watch_limit = True
                     log.warning(
                         "cannot watch a local queue directory; it is looked at every rescan interval instead "
