@@ -83,7 +83,8 @@ REASON_HEADER: Final = "x-studio-runner-reason"  # why a message was dead-letter
 DEAD_AT_HEADER: Final = "x-studio-runner-dead-lettered-at"
 QUORUM_COUNT_HEADER: Final = "x-delivery-count"  # returns of this very message, kept by quorum queues
 
-_CREDIT_CHECK_INTERVAL: Final = 0.5  # an idle consumer notices this often that capacity went elsewhere
+# Idle consumers are told this often that capacity went elsewhere (one look over all of them, not a timer each).
+_CREDIT_CHECK_INTERVAL: Final = 0.5
 _OPERATION_TIMEOUT: Final = 30.0  # any single AMQP round trip; a blocked broker must not hang a settlement forever
 _REASON_LIMIT: Final = 2000
 _PAGE_SIZE: Final = 500
@@ -610,6 +611,7 @@ class RabbitBroker:
         self._http: aiohttp.ClientSession | None = None
         self._api: ManagementApi | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._waiting: dict[_Consumer, Credit] = {}  # consumers waiting for a message, with their queue's credit
         self._sweep_now = asyncio.Event()
         self._log_filter = _QuietConnectionTrouble()
         self._claiming: set[str] = set()  # held queues being filled (not yet handed to the service)
@@ -675,9 +677,19 @@ class RabbitBroker:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._link.run())
                 tg.create_task(self._maintain())
+                tg.create_task(self._watch_credit())
         except Exception:  # both loops handle their errors; this would be a bug, and must not pass unnoticed
             log.exception("RabbitMQ connection supervisor failed", extra={"broker": BROKER_NAME})
             raise
+
+    async def _watch_credit(self) -> None:
+        """Stop the consumers whose credit is gone, so the broker pushes their queues' messages to other runners.
+        One loop for all of them: a thousand idle queues cost one timer, not a thousand."""
+        while True:
+            await asyncio.sleep(_CREDIT_CHECK_INTERVAL)
+            for consumer, credit in list(self._waiting.items()):
+                if credit.available() <= 0:
+                    consumer.credit_gone()
 
     async def _on_connect(self, conn: aiormq.abc.AbstractConnection) -> None:
         # The broker deletes this queue when the connection ends: its absence tells other runners we are gone.
@@ -1036,6 +1048,13 @@ async def _declare_delay_queue(channel: aiormq.abc.AbstractChannel, origin: str,
     return name
 
 
+class _CreditGone:
+    """Put in a consumer's inbox when its queue's credit went elsewhere while it waited."""
+
+
+_CREDIT_GONE: Final = _CreditGone()
+
+
 class _Consumer:
     """One consumer on one work queue, on a channel of its own, for as long as credit lasts."""
 
@@ -1044,7 +1063,7 @@ class _Consumer:
         self._conn = conn
         self._queue = queue
         self._channel: aiormq.abc.AbstractChannel | None = None
-        self._inbox: asyncio.Queue[aiormq.abc.DeliveredMessage | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[aiormq.abc.DeliveredMessage | _CreditGone | None] = asyncio.Queue()
         self._tag: str | None = None
         self._unacked: int | None = None  # delivery tag of the message handed to the service, not yet acked
 
@@ -1065,13 +1084,20 @@ class _Consumer:
         self._tag = None
         self._inbox.put_nowait(None)
 
+    def credit_gone(self) -> None:
+        """Capacity went elsewhere while this consumer waited (told by the broker's credit watch)."""
+        self._inbox.put_nowait(_CREDIT_GONE)
+
     async def next_message(self, credit: Credit) -> aiormq.abc.DeliveredMessage | None:
         """The next message while credit lasts; None when the consumer stopped (credit gone, cancelled)."""
         channel = self._require_channel()
         while self._tag is not None:
+            self._broker._waiting[self] = credit
             try:
-                message = await asyncio.wait_for(self._inbox.get(), _CREDIT_CHECK_INTERVAL)
-            except TimeoutError:
+                message = await self._inbox.get()
+            finally:
+                self._broker._waiting.pop(self, None)
+            if isinstance(message, _CreditGone):
                 if credit.available() <= 0:
                     await self._stop()
                     return None
@@ -1166,7 +1192,7 @@ class _Consumer:
             await channel.basic_cancel(tag, timeout=_OPERATION_TIMEOUT)
         while not self._inbox.empty():
             message = self._inbox.get_nowait()
-            if message is not None and not channel.is_closed:
+            if message is not None and not isinstance(message, _CreditGone) and not channel.is_closed:
                 await channel.basic_nack(_tag_of(message), requeue=True)
 
     async def close(self) -> None:
