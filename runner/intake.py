@@ -1,9 +1,8 @@
 """When may a queue's consumer take another message? Only when that message could start now.
 
 Each queue remembers the resources its last message asked for (unknown: one core), and its consumer waits until the
-allocator could grant that much. A queue whose message can never fit this machine is paused (back-off) so the
-message goes to other runners without a hot loop. Intake closes for good on drain or when the job-mode task limit
-is reached.
+allocator could grant that much. A queue may be paused for a while (back-off). Intake closes for good on drain or
+when the job-mode task limit is reached.
 """
 
 from __future__ import annotations

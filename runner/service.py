@@ -59,8 +59,9 @@ DUPLICATE_REQUEUE_DELAY = 30.0
 # A duplicate of an experiment that succeeded here this recently is acknowledged without running again.
 COMPLETED_MEMORY_SECONDS = 3600.0
 COMPLETED_MEMORY_SIZE = 10_000
-# A queue whose message can never fit this machine is not consumed for this long.
-NO_FIT_PAUSE = 30.0
+# A message that can never fit this machine goes back to its queue not to be seen again for this long: the messages
+# behind it are taken at once, other runners can have it soon, and it never makes a hot loop here.
+NO_FIT_DELAY = 10.0
 WATCHDOG_PERIOD = 0.5
 WATCHDOG_STALE = 10.0
 
@@ -347,8 +348,9 @@ class Runner:
             )
         never = self.allocator.never_fits(needs)
         if never is not None:
-            self.intake.pause(queue, NO_FIT_PAUSE)
-            return Refusal(Settlement(Action.REQUEUE, 0.0, f"does not fit this runner: {never}"), "does_not_fit")
+            return Refusal(
+                Settlement(Action.REQUEUE, NO_FIT_DELAY, f"does not fit this runner: {never}"), "does_not_fit"
+            )
         allocation = self.allocator.try_allocate(needs)
         if allocation is None:
             return Refusal(Settlement(Action.REQUEUE, 0.0, "not enough free capacity right now"), "busy")

@@ -229,3 +229,17 @@ def test_a_queue_that_goes_away_leaves_no_series_in_metrics(sandbox: Sandbox) ->
     wait_until(lambda: 'queue="local_brief"' in runner.get("/metrics")[1], 30, "series of local_brief")
     shutil.rmtree(sandbox.queue_root / "local_brief")
     wait_until(lambda: "local_brief" not in runner.get("/metrics")[1], 30, "the series of local_brief to go")
+
+
+def test_a_message_that_can_never_fit_does_not_hold_up_the_messages_behind_it(sandbox: Sandbox) -> None:
+    ws = sandbox.workspace("hol", {"hi.py": "print('hi')\n"})
+    huge = sandbox.submit(ws, "hi.py", options=("--cpus", "1000000000"))
+    small = [sandbox.submit(ws, "hi.py") for _ in range(5)]
+    runner = sandbox.start()
+    wait_until(lambda: any("does not fit" in e.get("message", "") for e in runner.events()), 60, "the hand-back")
+    handed_back = time.monotonic()
+    for key in small:
+        assert sandbox.wait_results(key, 60)["outcome"] == "succeeded"
+    # The huge one went back, hidden for a while, instead of pausing its queue for 30 s for everyone behind it.
+    assert time.monotonic() - handed_back < 20
+    assert sandbox.results(huge) is None and len(sandbox.queue_files()) == 1
