@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from runner import __version__, logs
-from runner.config import ConfigError, load_settings, main_error
+from runner.config import DEFAULT_PROM_ADDRESS, ConfigError, listen_address, load_settings, main_error
 
 COMMANDS = ("serve", "submit", "show", "stop", "check", "version")
 
@@ -36,12 +36,17 @@ def serve(argv: Sequence[str]) -> int:
 
 def check(argv: Sequence[str]) -> int:
     """Exit 0 when the runner on this machine answers /healthz (for exec probes and scripts)."""
-    address = argv[0] if argv else (os.environ.get("PROM_ADDRESS") or ":9090")
-    if address == "off":
+    address = argv[0] if argv else (os.environ.get("PROM_ADDRESS") or DEFAULT_PROM_ADDRESS)
+    if address.strip().lower() in ("", "off"):
         print("check: the HTTP server is off (--prom-address off)", file=sys.stderr)
         return 1
-    host, _, port = address.rpartition(":")
-    url = f"http://{host.strip('[]') or '127.0.0.1'}:{port}/healthz"
+    try:
+        host, port = listen_address(address)
+    except ValueError as err:
+        print(f"check: {address!r} {err}", file=sys.stderr)
+        return 2
+    shown = f"[{host}]" if ":" in host else (host or "127.0.0.1")
+    url = f"http://{shown}:{port}/healthz"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             print(response.read().decode().strip())

@@ -47,6 +47,9 @@ def main_error(err: ConfigError) -> str:
     return "\n".join(["studio-runner: invalid configuration:", *(f"  - {problem}" for problem in err.problems)])
 
 
+DEFAULT_PROM_ADDRESS = ":9090"  # also where `python -m runner check` looks when PROM_ADDRESS is unset
+
+
 @dataclass(frozen=True)
 class Settings:
     working_dir: Path
@@ -98,10 +101,7 @@ class Settings:
 
     def prom_listen(self) -> tuple[str, int] | None:
         """Where the HTTP server listens: ``(host, port)`` with host "" for every interface, or None when off."""
-        if not self.prom_address:
-            return None
-        host, _, port = self.prom_address.rpartition(":")
-        return host.removeprefix("[").removesuffix("]"), int(port)
+        return listen_address(self.prom_address) if self.prom_address else None
 
     def summary(self) -> dict[str, str]:
         """Every setting as text for the startup log line; passwords in URLs are masked."""
@@ -229,16 +229,25 @@ def _log_format(text: str, environ: Mapping[str, str]) -> str:
     return word
 
 
+def listen_address(address: str) -> tuple[str, int]:
+    """``host:port``, ``:port`` or ``[v6]:port`` as (host, port); host "" means every interface. Raises ValueError."""
+    host, colon, port = address.strip().rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError("is not a listen address with a port")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:  # a bare IPv6 host would make the port ambiguous
+        raise ValueError("needs brackets around its IPv6 host")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def _address(text: str, environ: Mapping[str, str]) -> str:
     address = text.strip()
     if address.lower() in ("", "off"):
         return ""
-    host, colon, port = address.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise _Invalid("is not a listen address with a port")
-    bracketed = host.startswith("[") and host.endswith("]")
-    if ":" in host and not bracketed:  # a bare IPv6 host would make the port ambiguous
-        raise _Invalid("needs brackets around its IPv6 host")
+    try:
+        listen_address(address)
+    except ValueError as err:
+        raise _Invalid(str(err)) from None
     return address
 
 
@@ -776,7 +785,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "prom-address",
         _OPERATIONS,
         _address,
-        ":9090",
+        DEFAULT_PROM_ADDRESS,
         "host:port or :port (port 0 picks a free port), or off",
         "listen address of the HTTP server (/metrics, /healthz, /readyz, /status); empty or off disables it",
         metavar="ADDR",

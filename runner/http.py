@@ -49,22 +49,17 @@ def build_app(view: HttpView) -> web.Application:
     return app
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``":9090"`` → ("0.0.0.0", 9090); ``"127.0.0.1:0"`` → any free port on loopback."""
-    host, _, port = address.rpartition(":")
-    return (host.strip("[]") or "0.0.0.0"), int(port)
-
-
 class HttpServer:
-    def __init__(self, view: HttpView, address: str) -> None:
+    def __init__(self, view: HttpView, listen: tuple[str, int]) -> None:
+        """``listen``: (host, port), host "" for every interface, port 0 for any free port."""
         self._runner = web.AppRunner(build_app(view), handle_signals=False, access_log=None)
-        self.address = address
+        self.listen = listen
         self.port = 0
 
     async def start(self) -> None:
-        host, port = split_address(self.address)
+        host, port = self.listen
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host or "0.0.0.0", port, shutdown_timeout=1.0)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

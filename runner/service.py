@@ -157,8 +157,8 @@ class Runner:
                     allow_env_secrets=s.allow_env_secrets,
                 ),
             )
-            if s.prom_address and s.prom_address != "off":
-                http = HttpServer(self._http_view(), s.prom_address)
+            if (listen := s.prom_listen()) is not None:
+                http = HttpServer(self._http_view(), listen)
                 await http.start()
                 stack.push_async_callback(http.close)
                 self.http_port = http.port

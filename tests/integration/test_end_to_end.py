@@ -196,6 +196,17 @@ def test_health_metrics_and_status_endpoints(sandbox: Sandbox) -> None:
     assert code == 200 and json.loads(status)["intake_open"] is True
 
 
+def test_the_check_command_answers_for_the_probes(sandbox: Sandbox) -> None:
+    runner = sandbox.start()
+    runner.wait_ready()
+    found = sandbox.command("check", f"127.0.0.1:{runner.port}")
+    assert (found.returncode, found.stdout) == (0, "ok\n")
+    assert sandbox.command("check", PROM_ADDRESS=f":{runner.port}").returncode == 0  # the runner's own setting
+    assert sandbox.command("check", "off").returncode == 1
+    refused = sandbox.command("check", "[::1]:notaport")
+    assert refused.returncode == 2 and "is not a listen address with a port" in refused.stderr
+
+
 def test_invalid_options_are_all_reported_with_exit_code_2(sandbox: Sandbox) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "runner", "--cache-size", "lots", "--max-disk", "10 parsecs", "--queue-match", "("],
