@@ -280,11 +280,29 @@ async def test_an_unknown_python_fails_before_building_and_says_so_in_the_log(ca
 
 
 async def test_a_cancelled_build_leaves_nothing_behind(cache: EnvCache, tmp_path: Path) -> None:
-    task = asyncio.create_task(cache.ensure("", ["six==1.16.0"], tmp_path / "outputPEnv"))
-    await asyncio.sleep(0.15)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    # The wheel comes from a local server that never answers: the build is surely in progress (and cannot finish)
+    # once the installer has asked for it, however busy the machine is.
+    asked = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        asked.set()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    wheel = f"six @ http://127.0.0.1:{port}/six-1.16.0-py2.py3-none-any.whl"
+    try:
+        task = asyncio.create_task(cache.ensure("", [wheel], tmp_path / "outputPEnv"))
+        await asyncio.wait_for(asked.wait(), 120)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
     assert entries(cache.root) == []
 
 
