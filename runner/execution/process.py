@@ -5,6 +5,9 @@ runner's whole environment (queue passwords, cloud keys) and lost the real exit 
 is started without a shell, in its own process group, with an allow-listed environment; its combined output goes
 through a secret filter into the experiment's ``output`` file; and the runner stops it -- time limit, ``_status``
 stop, runner drain or task cancellation -- by signalling the whole group, SIGTERM first, SIGKILL after a grace period.
+
+The process dies with the runner (``PR_SET_PDEATHSIG``), and a ``ProcessGuard`` may end what it started outside its
+group (``setsid``, double fork) once it has exited: see docs/reliability.md, Containment.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
+from runner.execution.prctl import ChildStep, Prctl, run_steps
 from runner.units import format_duration
 
 log = logging.getLogger(__name__)
@@ -206,6 +210,16 @@ def _redact_assignment(line: str) -> str:
     return line
 
 
+class ProcessGuard(Protocol):
+    """Ends whatever a process started, wherever it went (see runner/execution/containment.py)."""
+
+    def started(self, pid: int) -> None:
+        """The process's pid: a child of the runner whose exit status belongs to the event loop, never to a reaper."""
+
+    async def sweep(self) -> int:
+        """Kill every process of the run that is still alive (its group included); how many there were."""
+
+
 @dataclass
 class ProcessResult:
     exit_code: int | None  # None when the process was killed by a signal
@@ -368,6 +382,8 @@ async def run_process(
     grace: float = 30.0,
     on_line: Callable[[str], None] | None = None,
     drain: float = 5.0,
+    child_setup: Sequence[ChildStep] = (),
+    guard: ProcessGuard | None = None,
 ) -> ProcessResult:
     """Run ``argv`` to the end and report how it ended; its output is appended to ``output``.
 
@@ -376,6 +392,10 @@ async def run_process(
     Whatever was left in the group after the process exited is killed, and output still held open by processes
     that left the group is abandoned after ``drain`` seconds. If the calling task is cancelled, the group is killed
     and the cancellation propagates. Raises ``OSError`` when the program cannot be started.
+
+    The process gets SIGKILL when the runner dies. ``child_setup`` steps run in the child between fork and exec, after
+    that one (each must only make calls resolved beforehand). ``guard`` learns the pid, and its ``sweep`` ends what
+    the process left running anywhere -- outside its group too -- as soon as it has exited.
     """
     loop = asyncio.get_running_loop()
     file = await asyncio.to_thread(_open_output, output)
@@ -385,7 +405,8 @@ async def run_process(
         if early is not None:
             out.note(f"{_WHY[early]} before the process started: not started")
             return ProcessResult(exit_code=None, signal=None, reason=early, duration=0.0, tail=list(out.tail))
-        return await _supervise(loop, argv, cwd, env, out, deadline, stop, interrupt, grace, drain)
+        steps = (Prctl().die_with_parent(), *child_setup)
+        return await _supervise(loop, argv, cwd, env, out, deadline, stop, interrupt, grace, drain, steps, guard)
     finally:
         try:
             file.close()
@@ -410,6 +431,8 @@ async def _supervise(
     interrupt: asyncio.Event,
     grace: float,
     drain: float,
+    steps: tuple[ChildStep, ...],
+    guard: ProcessGuard | None,
 ) -> ProcessResult:
     started = loop.time()
     try:
@@ -423,11 +446,14 @@ async def _supervise(
             # One pipe for both streams keeps a traceback in its place among the prints.
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group, so that signals reach everything it started
+            preexec_fn=run_steps(steps),
         )
     except OSError as err:
         out.note(f"could not start {argv[0]}: {err}")
         raise
     pgid = transport.get_pid()  # the session leader's pid is its process group id
+    if guard is not None:
+        guard.started(pgid)
     swept = False
     reason: Reason = "exited"
     try:
@@ -439,9 +465,10 @@ async def _supervise(
                 reason = "stopped"  # stopped by the user during the drain's grace period: do not requeue it
         duration = loop.time() - started
         swept = True
-        # Whatever the process left running in its group (workers, daemons) would hold its GPUs and its pipe.
-        if _signal_group(pgid, signal.SIGKILL) and reason == "exited":
-            out.note("the process left processes behind in its process group: killed them")
+        # Whatever the process left running (workers, daemons) would hold its GPUs and its pipe.
+        escaped = await guard.sweep() if guard is not None else 0
+        if (_signal_group(pgid, signal.SIGKILL) or escaped) and reason == "exited":
+            out.note("the process left processes behind: killed them")
         try:
             await asyncio.wait_for(asyncio.shield(protocol.pipe_closed), drain)
         except TimeoutError:
@@ -454,6 +481,8 @@ async def _supervise(
         if not swept:
             _signal_group(pgid, signal.SIGKILL)
             await asyncio.shield(protocol.exited)
+            if guard is not None:
+                await asyncio.shield(guard.sweep())
         transport.close()
     return _result(transport.get_returncode(), reason, duration, out)
 
