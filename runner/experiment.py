@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from runner.execution.containment import MARKER, Containment, Ownership
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
 from runner.logs import event_fields
@@ -66,6 +67,8 @@ class Tools:
     settings: LifecycleSettings
     # The StudioML client's metadata records (status running/finished); disabled unless the service provides them.
     status_records: StatusRecords = field(default_factory=StatusRecords.disabled)
+    # Owner locks and process guards (docs/reliability.md, Containment); None: only the process group is ended.
+    containment: Containment | None = None
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Experiment:
         self._upload_locks: dict[str, asyncio.Lock] = {}
         # Holds the lease on the cached Python environment until the experiment is over (so it is never evicted).
         self._env_lease = contextlib.AsyncExitStack()
+        self._ownership: Ownership | None = None  # this runner's lock on self.dir
 
     # ----------------------------------------------------------------- public
 
@@ -137,6 +141,8 @@ class Experiment:
             await self._env_lease.aclose()
             if self.dir != Path() and not self.tools.settings.debug:
                 await asyncio.to_thread(shutil.rmtree, self.dir, True)
+            if self._ownership is not None:
+                self._ownership.release()
 
     def label_dir(self, label: str) -> Path:
         return self.dir / label
@@ -265,6 +271,7 @@ class Experiment:
         cores = self.allocation.cores if self.allocation else 1
         extra = {
             "STUDIOML_EXPERIMENT": self.key,
+            MARKER: str(self.dir.absolute()),  # how the runner finds its processes wherever they go
             "STUDIOML_HOME": str(home),
             "STUDIOML_ARTIFACT_MAPPING": str(mapping),
             "PYTHONUNBUFFERED": "1",
@@ -302,6 +309,7 @@ class Experiment:
                     stop=self.stop,
                     interrupt=self.interrupt,
                     grace=self.tools.settings.stop_grace,
+                    guard=self.tools.containment.guard(self.dir) if self.tools.containment else None,
                 )
             finally:
                 finished.set()
@@ -422,6 +430,8 @@ class Experiment:
                 candidate.mkdir()
             except FileExistsError:
                 continue
+            if self.tools.containment is not None:
+                self._ownership = self.tools.containment.claim(candidate)
             return candidate
         raise OSError(f"no free experiment directory for {base} under {root}")
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from runner import backends
 from runner.config import Settings
+from runner.execution.containment import Containment
 from runner.execution.pythonenv import EnvCache
 from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, Tools
 from runner.http import HttpServer, HttpView
@@ -124,6 +125,8 @@ class Runner:
         s = self.settings
         async with AsyncExitStack() as stack:
             await asyncio.to_thread(_make_dirs, s)
+            # Before any work: end and remove what a dead runner on this working dir left (docs/reliability.md).
+            containment = await stack.enter_async_context(Containment(s.working_dir, keep_directories=s.debug))
             capacity = await asyncio.to_thread(
                 host.measure, s.working_dir, max_cores=s.max_cores, max_mem=s.max_mem, max_disk=s.max_disk
             )
@@ -149,6 +152,7 @@ class Runner:
                 runner_env=self.environ,
                 host=self.host,
                 status_records=backends.make_status_records(s, stores),
+                containment=containment,
                 settings=LifecycleSettings(
                     working_dir=s.working_dir,
                     stop_grace=s.stop_grace,

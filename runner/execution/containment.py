@@ -138,11 +138,15 @@ class _ExperimentGuard:
 
     def started(self, pid: int) -> None:
         self.main = pid
-        self._containment._main_started(self)
 
     async def sweep(self) -> int:
-        self._containment._main_ended(self)
-        return await asyncio.to_thread(self._containment.kill_experiment_sync, self.directory)
+        # The main has exited and been reaped by the event loop; it is left out of the kill by its pid all the same
+        # (whoever reuses that pid in these milliseconds is not this experiment's), and the run counts as under way
+        # until the kill is over, so that the reaper does not race it.
+        try:
+            return await asyncio.to_thread(self._containment.kill_experiment_sync, self.directory)
+        finally:
+            self._containment._main_ended(self)
 
 
 class Containment:
@@ -170,8 +174,9 @@ class Containment:
         self._pid = os.getpid()
         self.subreaper = False
         self._lock = threading.Lock()  # the records below are shared by the loop and the threads
-        self._mains: set[int] = set()  # experiment processes whose exit status belongs to the event loop
-        self._spawning: weakref.WeakSet[_ExperimentGuard] = weakref.WeakSet()  # mains not known yet
+        # Guards of the runs under way (weak: a run whose start failed just goes away). Their mains are children
+        # whose exit status belongs to the event loop; while one's main is not known yet, no child is recorded.
+        self._guards: weakref.WeakSet[_ExperimentGuard] = weakref.WeakSet()
         self._orphans: dict[int, int] = {}  # pid -> starttime of experiment processes this runner may reap
         self._reaper: asyncio.Task[None] | None = None
         self.reaped = 0
@@ -206,7 +211,7 @@ class Containment:
         """The process guard for a run of the experiment in ``directory`` (pass it to ``run_process``)."""
         guard = _ExperimentGuard(self, directory.absolute())
         with self._lock:
-            self._spawning.add(guard)
+            self._guards.add(guard)
         return guard
 
     @staticmethod
@@ -214,18 +219,17 @@ class Containment:
         """The environment entry that marks a process (and everything it starts) as the experiment's."""
         return {MARKER: str(directory.absolute())}
 
-    def _main_started(self, guard: _ExperimentGuard) -> None:
-        with self._lock:
-            if guard.main is not None:
-                self._mains.add(guard.main)
-            self._spawning.discard(guard)
-
     def _main_ended(self, guard: _ExperimentGuard) -> None:
         # Called once the event loop has reaped it: from now on that pid may be anyone's.
         with self._lock:
-            if guard.main is not None:
-                self._mains.discard(guard.main)
-            self._spawning.discard(guard)
+            self._guards.discard(guard)
+
+    def _runs(self) -> tuple[set[int], set[Path], bool]:
+        """The mains of the runs under way, their directories, and whether a main is being started."""
+        with self._lock:
+            guards = list(self._guards)
+        mains = {g.main for g in guards if g.main is not None}
+        return mains, {g.directory for g in guards}, any(g.main is None for g in guards)
 
     # ----------------------------------------------------------------- finding and killing (blocking)
 
@@ -265,7 +269,8 @@ class Containment:
     def _kill_until_none(self, experiments: set[Path] | None) -> int:
         killed = 0
         for _ in range(KILL_ROUNDS):
-            found = [f for f in self.find_sync(experiments) if f.pid not in self._mains]
+            mains = self._runs()[0]
+            found = [f for f in self.find_sync(experiments) if f.pid not in mains]
             if not found:
                 break
             if self.subreaper:  # reparented to this runner once their parents are gone: reap them then
@@ -285,11 +290,13 @@ class Containment:
         the recorded ones that exited. Only pids recorded alive (with their start time) are ever waited for."""
         if not self.subreaper:
             return 0
-        active = self._active_experiments()
         for pid in proctable.children(self._pid, self._proc):
+            mains, active, starting = self._runs()
             with self._lock:
-                if pid in self._mains or pid in self._orphans:
+                if pid in mains or pid in self._orphans:
                     continue
+            if starting:
+                break  # a child may be a main whose pid is not known yet: look again next time
             stat = proctable.read_stat(pid, self._proc)
             if stat is None or stat.exited:
                 continue
@@ -297,8 +304,6 @@ class Containment:
             if directory is None:
                 continue  # not an experiment's: the event loop or whoever started it waits for it
             with self._lock:
-                if pid in self._mains or self._spawning:
-                    continue  # may be a main whose pid is not known yet: look again next time
                 self._orphans[pid] = stat.starttime
             if directory not in active:
                 log.warning(
@@ -306,16 +311,6 @@ class Containment:
                 )
                 _kill_and_wait([Found(pid, stat.ppid, stat.starttime, directory)], self._belongs, wait=0.0)
         return self._reap_recorded()
-
-    def _active_experiments(self) -> set[Path]:
-        with self._lock:
-            guards = list(self._spawning)
-            mains = set(self._mains)
-        active = {g.directory for g in guards}
-        for pid in mains:
-            if (directory := self._belongs(pid)) is not None:
-                active.add(directory)
-        return active
 
     def _reap_recorded(self) -> int:
         reaped = 0
