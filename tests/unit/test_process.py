@@ -452,3 +452,66 @@ async def test_output_held_open_by_a_process_outside_the_group_is_abandoned_afte
     finally:
         for pid in pids.pids:
             os.kill(pid, signal.SIGKILL)
+
+
+# --- tied to the runner ---------------------------------------------------------------------------------------
+
+
+async def test_child_setup_steps_run_in_the_child_between_fork_and_exec(tmp_path: Path) -> None:
+    def step() -> None:
+        os.umask(0o077)  # stands for any setting a step makes: the program must start with it
+
+    result = await run_process(
+        script("import os; print(f'umask={os.umask(0):o}')"),
+        cwd=tmp_path,
+        env=child_env(),
+        output=tmp_path / "output" / "output",
+        secret_filter=SecretFilter(),
+        deadline=None,
+        stop=asyncio.Event(),
+        interrupt=asyncio.Event(),
+        child_setup=[step],
+    )
+    assert result.exit_code == 0
+    assert "umask=77" in output_of(tmp_path)
+    assert os.umask(0o022) == 0o022  # the runner's own is untouched
+
+
+RUNNER_KILLED = """
+    import asyncio, sys
+    from pathlib import Path
+    from runner.execution.process import SecretFilter, run_process
+
+    async def main():
+        code = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(f'pid={os.getpid()}')" \\
+               "; time.sleep(600)"
+        await run_process([sys.executable, "-c", code], cwd=Path.cwd(), env={"PYTHONUNBUFFERED": "1"},
+                          output=Path(sys.argv[1]), secret_filter=SecretFilter(), deadline=None,
+                          stop=asyncio.Event(), interrupt=asyncio.Event(), on_line=lambda l: print(l, flush=True))
+
+    asyncio.run(main())
+"""
+
+
+def test_the_process_dies_when_its_runner_is_killed(tmp_path: Path) -> None:
+    import subprocess
+
+    runner = subprocess.Popen(
+        [str(PYTHON), "-c", textwrap.dedent(RUNNER_KILLED), str(tmp_path / "output")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert runner.stdout is not None
+        pid = int(runner.stdout.readline().removeprefix("pid="))
+        assert is_alive(pid)
+        runner.kill()  # no chance to clean up: only the kernel can end the child now
+        runner.wait()
+        end = time.monotonic() + 60
+        while is_alive(pid) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not is_alive(pid)
+    finally:
+        runner.kill()
+        runner.wait()
