@@ -32,7 +32,12 @@ async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker
     """Open every configured broker; each is closed by ``stack`` when the runner stops."""
     matcher = settings.queue_matcher()
     brokers: list[Broker] = []
-    local = LocalBroker(settings.queue_root, matcher, rescan_interval=settings.poll_interval)
+    local = LocalBroker(
+        settings.queue_root,
+        matcher,
+        rescan_interval=settings.poll_interval,
+        max_lost_deliveries=settings.max_deliveries,
+    )
     await local.open()
     stack.push_async_callback(local.close)
     brokers.append(local)

@@ -4,6 +4,7 @@ Layout under ``root`` (the client's ``$STUDIOML_HOME/queue``)::
 
     root/<queue>/<uuid4>                      a message: a regular file holding the exact request body
     root/<queue>/<stem>.attempt-<n>           a message that will be delivered for the n-th time
+    root/<queue>/<stem>.lost-<k>.attempt-<n>  ... whose runner died holding it k times
     root/<queue>/lock.lock                    the client's filelock.SoftFileLock, held while it writes a file
     root/.incoming/<uuid4>                    publish() writes here first, then renames into the queue
     root/.claimed/<runner>/.alive             flock()ed by a live runner for its whole lifetime
@@ -18,7 +19,10 @@ Guarantees:
   one wins. The client writes files in place (not atomically) under its soft lock, so the runner takes that same lock
   while choosing and renaming: a half-written file is never taken.
 * Nothing is lost when a runner dies: its claim area's ``.alive`` lock dies with it, and the next runner that opens
-  (or sweeps, every ``orphan_sweep_interval`` seconds) moves the messages back into their queues.
+  (or sweeps, every ``orphan_sweep_interval`` seconds) moves the messages back into their queues -- behind the
+  messages already waiting (fresh mtime), so that a crash loop does not run the same oldest messages forever, and
+  counting the loss in the name: the ``max_lost_deliveries``-th loss dead-letters a message that keeps killing
+  runners.
 * The delivery attempt lives in the file name. A message is renamed to its next-attempt name as it is claimed, so a
   delivery counts from the moment it is taken, even if its runner is killed before settling it.
 * A file's mtime orders the queue (oldest first) and, when in the future, means "not before" (delayed requeue).
@@ -71,19 +75,29 @@ ALIVE_NAME: Final = ".alive"
 # A claim area is built under a dot name and renamed into place once its .alive lock is held, so a visible area
 # always has a holder or had one. A dot-named area older than this was left by a runner that died while opening.
 _UNFINISHED_AREA_GRACE: Final = 60.0
-_ATTEMPT_NAME: Final = re.compile(r"^(?P<stem>.+)\.attempt-(?P<attempt>[1-9][0-9]*)$")
+_MESSAGE_NAME: Final = re.compile(
+    r"^(?P<stem>.+?)(?:\.lost-(?P<lost>[1-9][0-9]*))?(?:\.attempt-(?P<attempt>[1-9][0-9]*))?$"
+)
 
 
 def parse_message_name(name: str) -> tuple[str, int]:
     """The message id and the attempt number that a message file named ``name`` will be delivered as."""
-    if match := _ATTEMPT_NAME.match(name):
-        return match["stem"], int(match["attempt"])
-    return name, 1
+    match = _MESSAGE_NAME.match(name)
+    if match is None:  # only a name with a newline in it
+        return name, 1
+    return match["stem"], int(match["attempt"] or 1)
 
 
-def message_name(stem: str, attempt: int) -> str:
-    """The file name under which message ``stem`` is delivered for the ``attempt``-th time."""
-    return stem if attempt <= 1 else f"{stem}.attempt-{attempt}"
+def lost_count(name: str) -> int:
+    """How many times a runner died holding the message file named ``name``."""
+    match = _MESSAGE_NAME.match(name)
+    return int(match["lost"] or 0) if match is not None else 0
+
+
+def message_name(stem: str, attempt: int, lost: int = 0) -> str:
+    """The file name under which message ``stem`` is delivered for the ``attempt``-th time, ``lost`` times lost."""
+    name = stem if lost <= 0 else f"{stem}.lost-{lost}"
+    return name if attempt <= 1 else f"{name}.attempt-{attempt}"
 
 
 def _is_message_name(name: str) -> bool:
@@ -442,6 +456,7 @@ class LocalBroker:
         stale_lock_after: float = 30.0,
         runner_id: str | None = None,
         orphan_sweep_interval: float = 30.0,
+        max_lost_deliveries: int | None = None,
     ) -> None:
         self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         _check_component("runner id", self.runner_id)
@@ -450,6 +465,7 @@ class LocalBroker:
         self._changes = DirectoryChanges(rescan_interval=rescan_interval)
         self._stale_lock_after = stale_lock_after
         self._orphan_sweep_interval = orphan_sweep_interval
+        self._max_lost = max_lost_deliveries  # None: a message goes back however often its runners died
         self._area = self.root / CLAIMED_DIR / self.runner_id
         self._alive_fd: int | None = None
         self._closing = False
@@ -583,11 +599,17 @@ class LocalBroker:
         _remove_empty_area(area)
 
     def _return_orphan_sync(self, dead_runner: str, queue: str, claimed: Path) -> None:
-        # The name already counts the interrupted delivery (it was renamed on claim), so it goes back unchanged.
+        # The name already counts the interrupted delivery (it was renamed on claim); the loss is counted here.
         stem, next_attempt = parse_message_name(claimed.name)
+        lost = lost_count(claimed.name) + 1
         extra = {"queue": queue, "message_id": stem}
         try:
-            if _return_to_queue(self.root, queue, claimed, claimed.name, None):
+            if self._max_lost is not None and lost >= self._max_lost:
+                reason = f"its runner died while holding it {lost} times (the last was {dead_runner})"
+                _dead_letter_file(self.root, queue, claimed, stem, next_attempt - 1, reason, self.runner_id)
+                log.warning("dead-lettered message: %s", reason, extra=extra)
+            # Now as its mtime: behind the messages already waiting, so a crash loop cannot starve them.
+            elif _return_to_queue(self.root, queue, claimed, message_name(stem, next_attempt, lost), time.time()):
                 log.warning("returned message held by dead runner %s to its queue", dead_runner, extra=extra)
             else:
                 _dead_letter_file(self.root, queue, claimed, stem, next_attempt - 1, _QUEUE_REMOVED, self.runner_id)
@@ -760,7 +782,7 @@ class LocalBroker:
         claim_dir.mkdir(exist_ok=True)
         for name in backlog.ready(time.time_ns()):
             stem, attempt = parse_message_name(name)
-            claimed = claim_dir / message_name(stem, attempt + 1)
+            claimed = claim_dir / message_name(stem, attempt + 1, lost_count(name))
             try:
                 (queue_dir / name).rename(claimed)
             except FileNotFoundError:

@@ -401,7 +401,7 @@ asyncio.run(main())
 """
 
 
-async def runner_killed_holding_a_message(root: Path) -> str:
+async def runner_killed_holding_a_message(root: Path, expected: str | None = None) -> str:
     """Start a runner in a child process, let it claim one message of QUEUE, SIGKILL it; returns the message id."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     child = await asyncio.create_subprocess_exec(
@@ -413,7 +413,8 @@ async def runner_killed_holding_a_message(root: Path) -> str:
     finally:
         child.kill()
         await child.wait()
-    assert message_files(root, message_id) == [Path(".claimed", "doomed", QUEUE, f"{message_id}.attempt-2")]
+    held = expected.replace("lost-0.", "") if expected else f"{message_id}.attempt-2"
+    assert message_files(root, message_id) == [Path(".claimed", "doomed", QUEUE, held)]
     return message_id
 
 
@@ -422,7 +423,7 @@ async def test_messages_held_by_a_killed_runner_return_to_their_queue_when_a_run
     await runner_killed_holding_a_message(root)
 
     async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="heir") as heir:
-        assert message_files(root, message_id) == [Path(QUEUE, f"{message_id}.attempt-2")]
+        assert message_files(root, message_id) == [Path(QUEUE, f"{message_id}.lost-1.attempt-2")]
         assert not (root / ".claimed" / "doomed").exists()
         delivery = await take(heir)
         # the killed runner's delivery counts: a message that keeps killing runners still reaches its limit
@@ -441,6 +442,37 @@ async def test_a_running_runner_adopts_the_messages_of_a_runner_killed_meanwhile
         await delivery.ack()
 
 
+async def test_a_message_of_a_killed_runner_goes_back_behind_the_messages_waiting(root: Path) -> None:
+    publisher = LocalBroker(root, MATCHER)
+    first = await publisher.publish(QUEUE, b"first")
+    await runner_killed_holding_a_message(root)  # takes the oldest: first
+    waiting = await publisher.publish(QUEUE, b"waiting")
+
+    async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="heir") as heir:
+        taken = [await take(heir), await take(heir)]
+        assert [(d.message_id, d.attempt) for d in taken] == [(waiting, 1), (first, 2)]
+        for delivery in taken:
+            await delivery.ack()
+
+
+async def test_a_message_that_keeps_killing_runners_is_dead_lettered_at_the_limit(root: Path) -> None:
+    message_id = await LocalBroker(root, MATCHER).publish(QUEUE, b"{}")
+    for lost in (1, 2):
+        await runner_killed_holding_a_message(root, expected=f"{message_id}.lost-{lost - 1}.attempt-{lost + 1}")
+        async with LocalBroker(root, MATCHER, runner_id="heir", max_lost_deliveries=3):
+            assert message_files(root, message_id) == [Path(QUEUE, f"{message_id}.lost-{lost}.attempt-{lost + 1}")]
+    await runner_killed_holding_a_message(root, expected=f"{message_id}.lost-2.attempt-4")
+
+    async with LocalBroker(root, MATCHER, runner_id="heir", max_lost_deliveries=3):
+        assert message_files(root, message_id) == [
+            Path(".dead", QUEUE, message_id),
+            Path(".dead", QUEUE, f"{message_id}.reason.json"),
+        ]
+    reason = json.loads((root / ".dead" / QUEUE / f"{message_id}.reason.json").read_text())
+    assert reason["attempt"] == 3
+    assert reason["reason"].startswith("its runner died while holding it 3 times")
+
+
 async def test_messages_left_unsettled_at_close_return_at_the_next_open(root: Path) -> None:
     async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="first") as first:
         message_id = await first.publish(QUEUE, b"{}")
@@ -448,7 +480,7 @@ async def test_messages_left_unsettled_at_close_return_at_the_next_open(root: Pa
 
     assert message_files(root, message_id) == [Path(".claimed", "first", QUEUE, f"{message_id}.attempt-2")]
     async with LocalBroker(root, MATCHER, rescan_interval=POLL, runner_id="second"):
-        assert message_files(root, message_id) == [Path(QUEUE, f"{message_id}.attempt-2")]
+        assert message_files(root, message_id) == [Path(QUEUE, f"{message_id}.lost-1.attempt-2")]
 
 
 async def test_a_clean_close_leaves_no_claim_area(root: Path) -> None:
