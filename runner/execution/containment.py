@@ -167,6 +167,7 @@ class Containment:
         reap_interval: float = REAP_INTERVAL,
     ) -> None:
         self.experiments_root = Path(working_dir).absolute() / EXPERIMENTS_DIR
+        self._resolved: Path | None = None  # experiments_root with symbolic links resolved, once it exists
         self._keep_directories = keep_directories
         self._prctl = prctl or Prctl()
         self._proc = proc
@@ -242,10 +243,16 @@ class Containment:
                 return path
         cwd = proctable.read_cwd(pid, self._proc)
         if cwd is not None:
-            path = Path(cwd)
-            if path.is_relative_to(self.experiments_root) and path != self.experiments_root:
-                return self.experiments_root / path.relative_to(self.experiments_root).parts[0]
+            path = Path(cwd)  # the kernel reports it with symbolic links resolved
+            root = self._resolved_root()
+            if path.is_relative_to(root) and path != root:
+                return self.experiments_root / path.relative_to(root).parts[0]
         return None
+
+    def _resolved_root(self) -> Path:
+        if self._resolved is None:
+            self._resolved = self.experiments_root.resolve()
+        return self._resolved
 
     def find_sync(self, experiments: set[Path] | None = None) -> list[Found]:
         """Live processes of experiments under this working dir (of ``experiments`` only, when given)."""
