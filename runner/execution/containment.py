@@ -145,6 +145,9 @@ class _ExperimentGuard:
         # until the kill is over, so that the reaper does not race it.
         try:
             return await asyncio.to_thread(self._containment.kill_experiment_sync, self.directory)
+        except OSError as err:  # /proc unreadable: the process group is still killed by the caller
+            log.error("cannot look for the processes of experiment %s: %s", self.directory, err)
+            return 0
         finally:
             self._containment._main_ended(self)
 
