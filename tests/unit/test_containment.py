@@ -202,7 +202,7 @@ async def test_an_escaped_process_that_exits_on_its_own_is_reaped_while_the_expe
     done = tmp_path / "done"
     pids = Pids()
     then = wait_for_file(done)
-    running = asyncio.create_task(run_experiment(containment, directory, daemon_script(1.0, then=then), pids))
+    running = asyncio.create_task(run_experiment(containment, directory, daemon_script(3.0, then=then), pids))
     try:
         await asyncio.wait_for(pids.seen.wait(), TIMEOUT)
         [daemon] = pids.pids
