@@ -896,11 +896,12 @@ def build_parser() -> argparse.ArgumentParser:
     arguments; the parser also works on its own, where each option's value is its raw text."""
     parser = _Parser(
         prog=PROG,
-        usage="%(prog)s [serve] [options] | submit | show | stop | check | version",
+        usage="%(prog)s [serve] [options] | submit | show | stop | check | keys | version",
         epilog=(
             "other commands: 'submit' queues a workspace like `studio run` (submit --help); 'show [KEY]' prints an "
             "experiment's output and _results.json; 'stop KEY' asks a running experiment to stop; "
-            "'check [HOST:PORT]' exits 0 when this runner's /healthz answers; 'version'."
+            "'check [HOST:PORT]' exits 0 when this runner's /healthz answers; 'keys init DIR' makes a message key "
+            "for encrypted requests (docs/privacy.md); 'version'."
         ),
         description=(
             "Runs StudioML experiments taken from queues. Every option not given on the command line is read from "
