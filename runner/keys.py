@@ -62,6 +62,7 @@ def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
         data = path.read_bytes()
     except OSError as err:
         raise KeyFileError(f"{path}: {err.strerror or err}") from None
+    key: object
     try:
         if b"OPENSSH PRIVATE KEY" in data:
             key = serialization.load_ssh_private_key(data, None)
