@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -52,7 +53,10 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        key = serialization.load_ssh_public_key(line.encode())
+        try:
+            key = serialization.load_ssh_public_key(line.encode())
+        except UnsupportedAlgorithm:
+            raise ValueError(f"holds no ssh-ed25519 key (starts {line.split()[0][:20]!r})") from None
         if not isinstance(key, Ed25519PublicKey):
             raise ValueError(f"holds a {line.split()[0]} key; request signatures are ssh-ed25519")
         return key
