@@ -345,3 +345,31 @@ def test_a_key_made_with_the_go_runners_documented_ssh_keygen_commands_loads(tmp
     (directory / "passphrase" / "ssh-passphrase").write_bytes(b"PassPhrase")
     loaded = load_message_key(directory)
     assert loaded is not None and loaded.size == 256
+
+
+# --- keys init ------------------------------------------------------------------------------------------------------
+
+
+def test_keys_init_writes_what_the_runner_and_the_client_read(tmp_path: Path) -> None:
+    from runner.keys import init, load_public_key, load_signing_key
+
+    commands = init(tmp_path / "keys", bits=2048, signing_prefix="rmq_team_")
+    directory = tmp_path / "keys"
+    assert b"Proc-Type: 4,ENCRYPTED" in (directory / "encryption" / "ssh-privatekey").read_bytes()
+    assert not (directory / "passphrase" / "ssh-passphrase").read_bytes().endswith(b"\n")
+    assert (directory / "encryption" / "ssh-privatekey").stat().st_mode & 0o077 == 0
+    loaded = load_message_key(directory)
+    assert loaded is not None and loaded.size == 256
+    signing = SigningKeys(directory / "signing")
+    signing.rescan()
+    signer = load_signing_key(directory / "client" / "signing-key")
+    found = signing.for_queue("rmq_team_a")
+    assert found is not None and found.key.public_bytes_raw() == signer.public_key().public_bytes_raw()
+    assert load_public_key(directory / "encryption" / "ssh-publickey").key_size == 2048
+    assert [c.split()[4] for c in commands] == [
+        "studioml-runner-key-secret",
+        "studioml-runner-passphrase-secret",
+        "studioml-signing",
+    ]
+    with pytest.raises(FileExistsError):
+        init(directory, bits=2048)
