@@ -1,4 +1,5 @@
-"""``python -m runner [serve] [options]`` runs the service; ``submit``, ``show``, ``stop``, ``check``, ``version``."""
+"""``python -m runner [serve] [options]`` runs the service; ``submit``, ``show``, ``stop``, ``check``, ``keys``,
+``version``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from runner import __version__, logs
 from runner.config import DEFAULT_PROM_ADDRESS, ConfigError, listen_address, load_settings, main_error
 
-COMMANDS = ("serve", "submit", "show", "stop", "check", "version")
+COMMANDS = ("serve", "submit", "show", "stop", "check", "keys", "version")
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -65,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "check":
         return check(rest)
+    if command == "keys":
+        from runner import keys
+
+        return keys.main(rest, os.environ)
     if command in ("submit", "show", "stop"):
         from runner import submit
 

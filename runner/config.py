@@ -95,6 +95,9 @@ class Settings:
     s3_key: Path | None
     s3_part_size: int  # bytes
     transfer_concurrency: int
+    encrypt_dir: Path | None  # the runner's message key, in studio-go-runner's layout; None = no encrypted requests
+    request_signatures_dir: Path | None  # one ssh-ed25519 public key per queue-name prefix
+    clear_text_messages: bool  # whether unencrypted requests are accepted
 
     def queue_matcher(self) -> QueueMatcher:
         return QueueMatcher.from_strings(self.queue_match, self.queue_mismatch)
@@ -390,6 +393,7 @@ _RESOURCES = "resources"
 _LIFECYCLE = "lifecycle"
 _JOB = "job mode"
 _OPERATIONS = "operations"
+_PRIVACY = "privacy"
 
 _GROUP_TITLES = {
     _QUEUES: "queues (where experiments come from)",
@@ -398,6 +402,7 @@ _GROUP_TITLES = {
     _LIFECYCLE: "lifecycle (stopping, draining and retrying experiments)",
     _JOB: "job mode (exit when the work is done: Kubernetes Jobs, scale to zero)",
     _OPERATIONS: "operations (metrics, logs, debugging)",
+    _PRIVACY: "privacy (encrypted and signed requests: docs/privacy.md)",
 }
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -819,6 +824,38 @@ _OPTIONS: tuple[_Option, ...] = (
         "keep experiment directories and log at debug level (request bodies and secrets are never logged)",
         switch=True,
     ),
+    _Option(
+        "encrypt-dir",
+        _PRIVACY,
+        _optional_dir,
+        "./certs/message",
+        f"{_PATH_FORM}, or empty",
+        "the runner's message key as studio-go-runner's secrets mount it: encryption/ssh-privatekey (PEM RSA, "
+        "passphrase-protected), encryption/ssh-publickey, passphrase/ssh-passphrase. Without it encrypted requests "
+        "are handed back to their queue; empty = none",
+        metavar="DIR",
+        blank_is_value=True,
+    ),
+    _Option(
+        "request-signatures-dir",
+        _PRIVACY,
+        _optional_dir,
+        "./certs/queues/signing",
+        f"{_PATH_FORM}, or empty",
+        "one file per queue-name prefix holding the experimenter's 'ssh-ed25519 AAAA...' public key; encrypted "
+        "requests must be signed by the key of the longest prefix of their queue's name; re-read while running",
+        metavar="DIR",
+        blank_is_value=True,
+    ),
+    _Option(
+        "clear-text-messages",
+        _PRIVACY,
+        _bool,
+        "true",
+        _BOOL_FORM,
+        "accept unencrypted requests; =false dead-letters them (studio-go-runner 0.14 defaulted to false)",
+        switch=True,
+    ),
 )
 
 _BY_FLAG: Mapping[str, _Option] = {option.flag: option for option in _OPTIONS}
@@ -859,11 +896,12 @@ def build_parser() -> argparse.ArgumentParser:
     arguments; the parser also works on its own, where each option's value is its raw text."""
     parser = _Parser(
         prog=PROG,
-        usage="%(prog)s [serve] [options] | submit | show | stop | check | version",
+        usage="%(prog)s [serve] [options] | submit | show | stop | check | keys | version",
         epilog=(
             "other commands: 'submit' queues a workspace like `studio run` (submit --help); 'show [KEY]' prints an "
             "experiment's output and _results.json; 'stop KEY' asks a running experiment to stop; "
-            "'check [HOST:PORT]' exits 0 when this runner's /healthz answers; 'version'."
+            "'check [HOST:PORT]' exits 0 when this runner's /healthz answers; 'keys init DIR' makes a message key "
+            "for encrypted requests (docs/privacy.md); 'version'."
         ),
         description=(
             "Runs StudioML experiments taken from queues. Every option not given on the command line is read from "

@@ -275,6 +275,11 @@ def _resources(f: _Fields) -> Resources:
     )
 
 
+def parse_resources(value: Any, path: str) -> Resources:
+    """A ``resources_needed`` object on its own (the clear header of an encrypted envelope); ``path`` names it."""
+    return _resources(_Fields(value, path))
+
+
 def is_envelope(document: Mapping[str, Any]) -> bool:
     """An encrypted StudioML envelope: a top-level ``message`` object holding a ``payload``."""
     message = document.get("message")

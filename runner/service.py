@@ -37,6 +37,7 @@ from runner.http import HttpServer, HttpView
 from runner.intake import Intake
 from runner.metrics import Metrics
 from runner.outcome import Action, Outcome, Settlement, SettlePolicy, settle
+from runner.privacy import EnvelopeRejected, HandBack, KeyProblem, Privacy
 from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
 from runner.request import Request, RequestError, parse_request
 from runner.resources import gpu, host
@@ -117,6 +118,7 @@ class Runner:
         self.intake: Intake | None = None
         self._tools: Tools | None = None
         self._experiments: asyncio.TaskGroup | None = None
+        self._privacy: Privacy | None = None
 
     # ----------------------------------------------------------------- serve
 
@@ -127,6 +129,11 @@ class Runner:
             await asyncio.to_thread(_make_dirs, s)
             # Before any work: end and remove what a dead runner on this working dir left (docs/reliability.md).
             containment = await stack.enter_async_context(Containment(s.working_dir, keep_directories=s.debug))
+            try:
+                self._privacy = await stack.enter_async_context(Privacy.from_settings(s))
+            except KeyProblem as err:
+                log.error(f"refusing to start: {err} (docs/privacy.md)", extra={"host": self.host})
+                raise StartupRefused(str(err)) from None
             capacity = await asyncio.to_thread(
                 host.measure, s.working_dir, max_cores=s.max_cores, max_mem=s.max_mem, max_disk=s.max_disk
             )
@@ -322,18 +329,48 @@ class Runner:
             async for delivery in broker.consume(queue, self.intake.credit(queue)):
                 self._last_activity = time.monotonic()
                 self.metrics.messages_received.labels(broker.name, self.metrics.queue(queue.name)).inc()
-                decision = self._admit(delivery)
+                try:
+                    opened = await self._open(delivery)
+                except asyncio.CancelledError:  # the runner stops while a request is being decrypted
+                    stopped = Refusal(Settlement(Action.REQUEUE, 0.0, "the runner stopped"), "interrupted")
+                    self._experiments.create_task(self._process(delivery, stopped))
+                    raise
+                decision = opened if isinstance(opened, Refusal) else self._admit(delivery, opened)
                 self._experiments.create_task(self._process(delivery, decision))
         except QueueGone:
             log.info("queue disappeared", extra={"queue": str(queue)})
 
-    def _admit(self, delivery: Delivery) -> Admission | Refusal:
+    async def _open(self, delivery: Delivery) -> bytes | Refusal:
+        """The clear request body of ``delivery``. An encrypted envelope (docs/privacy.md) is opened only when its
+        clear resource header fits now, so a request that cannot run here costs no RSA work."""
+        assert self._privacy is not None and self.intake is not None and self.allocator is not None
+        try:
+            envelope = self._privacy.envelope(delivery.body)
+            if envelope is None:
+                return delivery.body
+            self.intake.remember(delivery.queue, envelope.needs)
+            never = self.allocator.never_fits(envelope.needs)
+            if never is not None:
+                return Refusal(
+                    Settlement(Action.REQUEUE, NO_FIT_DELAY, f"does not fit this runner: {never}"), "does_not_fit"
+                )
+            if self.allocator.how_many(envelope.needs) < 1:
+                return Refusal(Settlement(Action.REQUEUE, 0.0, "not enough free capacity right now"), "busy")
+            return await self._privacy.open(envelope, delivery.queue.name)
+        except EnvelopeRejected as err:
+            return Refusal(
+                Settlement(Action.DEAD_LETTER, reason=f"invalid request: {err}"), "rejected", Outcome.REJECTED
+            )
+        except HandBack as err:
+            return Refusal(Settlement(Action.REQUEUE, NO_FIT_DELAY, str(err)), "no_key")
+
+    def _admit(self, delivery: Delivery, body: bytes) -> Admission | Refusal:
         """Decide synchronously, before the next message is taken, whether this one runs here now."""
         assert self.intake is not None and self.allocator is not None
         received = time.monotonic()
         queue = delivery.queue
         try:
-            request = parse_request(delivery.body)
+            request = parse_request(body)
         except RequestError as err:
             return Refusal(
                 Settlement(Action.DEAD_LETTER, reason=f"invalid request: {err}"), "rejected", Outcome.REJECTED

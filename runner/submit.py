@@ -89,6 +89,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=environ.get("S3_URL", ""),
         help="storage for sqs_ queues: workspace, results and status record (env S3_URL; AWS settings from AWS_*)",
     )
+    p.add_argument(
+        "--encrypt-for",
+        type=Path,
+        metavar="PUBKEY",
+        help="encrypt the request for the runners holding this RSA public key (PEM), as the StudioML client does with "
+        "public_key_path (docs/privacy.md)",
+    )
+    p.add_argument(
+        "--sign-with",
+        type=Path,
+        metavar="KEY",
+        help="sign the encrypted request with this Ed25519 private key (OpenSSH), as the client's signing_key_path",
+    )
     p.add_argument("script", help="python file to run, relative to the workspace")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
@@ -153,6 +166,34 @@ def build_request(
     }
 
 
+def request_body(ns: argparse.Namespace, request: dict[str, Any]) -> bytes:
+    """The message body: the request itself, or the client's encrypted envelope of it with --encrypt-for."""
+    if ns.encrypt_for is None:
+        return json.dumps(request).encode()
+    from runner.keys import load_public_key, load_signing_key
+    from runner.privacy import seal
+
+    signer = load_signing_key(ns.sign_with) if ns.sign_with else None
+    return json.dumps(seal(request, load_public_key(ns.encrypt_for), signer)).encode()
+
+
+def _check_keys(ns: argparse.Namespace) -> str:
+    """Why --encrypt-for/--sign-with cannot be used ("" when they can), before anything is packed or uploaded."""
+    if ns.sign_with and not ns.encrypt_for:
+        return "--sign-with signs encrypted requests: give --encrypt-for too"
+    if ns.encrypt_for is None:
+        return ""
+    from runner.keys import KeyFileError, load_public_key, load_signing_key
+
+    try:
+        load_public_key(ns.encrypt_for)
+        if ns.sign_with:
+            load_signing_key(ns.sign_with)
+    except KeyFileError as err:
+        return str(err)
+    return ""
+
+
 def _read_requirements(path: Path) -> list[str]:
     lines = []
     for raw in path.read_text().splitlines():
@@ -203,6 +244,9 @@ def submit(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except ValueError as err:
         print(f"submit: {err}", file=sys.stderr)
         return 2
+    if problem := _check_keys(ns):
+        print(f"submit: {problem}", file=sys.stderr)
+        return 2
     workspace: Path = ns.workspace.resolve()
     if not workspace.is_dir():
         print(f"submit: workspace {workspace} is not a directory", file=sys.stderr)
@@ -221,7 +265,7 @@ def submit(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     ns.storage_root = storage_root
     workspace_key, workspace_url = _pack_workspace(workspace, storage_root)
     request = build_request(ns, key=key, workspace_url=workspace_url, workspace_key=workspace_key, pythonenv=pythonenv)
-    body = json.dumps(request).encode()
+    body = request_body(ns, request)
     if amqp_url:
         try:
             message_id = asyncio.run(submit_request(amqp_url, ns.queue, body))

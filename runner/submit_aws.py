@@ -110,7 +110,9 @@ async def _submit(
         record = S3Location(bucket.endpoint, bucket.bucket, EXPERIMENTS_PREFIX + experiment["key"])
         await store.write_bytes(record, credentials, json.dumps(experiment).encode(), "application/json")
         await broker.open()
-        return await broker.publish(ns.queue, json.dumps(request).encode())
+        from runner.submit import request_body
+
+        return await broker.publish(ns.queue, request_body(ns, request))
     finally:
         await broker.close()
         await store.close()
