@@ -63,6 +63,7 @@ class LifecycleSettings:
     debug: bool = False
     allow_env_secrets: bool = False
     max_disk: int = 0  # bytes an experiment may stage when its request names no hdd; 0 = no budget
+    max_output: int = 0  # bytes of the process's output kept (head and tail); 0 = all of it
 
 
 @dataclass
@@ -345,6 +346,7 @@ class Experiment:
                     stop=self.stop,
                     interrupt=self.interrupt,
                     grace=self.tools.settings.stop_grace,
+                    max_output=self.tools.settings.max_output,
                 )
             except (OSError, ValueError) as err:
                 not_started = err  # ended outside the task group, so that _Abort is not wrapped in a group

@@ -157,6 +157,7 @@ class Runner:
                     debug=s.debug,
                     allow_env_secrets=s.allow_env_secrets,
                     max_disk=capacity.disk,
+                    max_output=s.max_output_size,
                 ),
             )
             if (listen := s.prom_listen()) is not None:
