@@ -25,6 +25,7 @@ from runner.queues.base import QueueRef
 from runner.request import Artifact, ExperimentConfig, Request, Resources
 from runner.request import Experiment as ExperimentSpec
 from runner.storage.artifacts import ArtifactIO
+from runner.storage.base import ObjectStore
 from runner.storage.file import FileStore, file_url
 
 MIB = 1 << 20
@@ -53,6 +54,7 @@ class Lab:
     max_disk: int = 0
     file_roots: tuple[Path, ...] = ()
     dir: Path = Path()  # the last experiment's directory (kept: debug=True)
+    stores: dict[str, ObjectStore] = field(default_factory=dict)  # beside file://
 
     @property
     def storage(self) -> Path:
@@ -81,7 +83,7 @@ class Lab:
 
     async def run(self, request: Request) -> ExperimentResult:
         tools = Tools(
-            artifacts=ArtifactIO({"file": FileStore(self.file_roots)}, None),
+            artifacts=ArtifactIO({"file": FileStore(self.file_roots), **self.stores}, None),
             envs=self.envs,  # type: ignore[arg-type]
             metrics=Metrics(),
             runner_env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
