@@ -85,3 +85,12 @@ async def test_an_experiment_whose_output_s3_refuses_fails_and_is_not_retried(
     assert result.outcome is Outcome.FAILED, result
     assert "results could not be uploaded: output:" in result.message and "AccessDenied" in result.message
     assert lab.results()["outcome"] == "failed"
+
+
+async def test_a_bucket_name_s3_can_never_accept_fails_for_good(moto: Moto, store: S3Store, tmp_path: Path) -> None:
+    # botocore refuses it before sending anything; that used to escape as a runner error and be retried.
+    lab = Lab(tmp_path, stores={"s3": store})
+    request = lab.request(workspace=moto.s3_url("Not_A_Bucket!", "ws.tar"))
+    result = await lab.run(request)
+    assert result.outcome is Outcome.FAILED, result
+    assert "artifact 'workspace'" in result.message and "Invalid bucket name" in result.message
