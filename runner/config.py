@@ -64,6 +64,7 @@ class Settings:
     max_cores: int  # 0 = all logical CPUs
     max_mem: int  # bytes; 0 = all available RAM
     max_disk: int  # bytes all experiments together may reserve; 0 = free space above a 10 % reserve
+    max_output_size: int  # bytes of an experiment's output kept (its head and tail); 0 = all of it
     cpu_only: bool
     require_gpu: bool  # refuse to start without a usable GPU, even where no NVIDIA driver is installed
     debug: bool
@@ -130,6 +131,7 @@ _ZERO_SIZE_MEANS = {
     "env_cache_size": "0 (unbounded)",
     "max_mem": "0 (all available)",
     "max_disk": "0 (free space)",
+    "max_output_size": "0 (unlimited)",
 }
 
 
@@ -694,6 +696,17 @@ _OPTIONS: tuple[_Option, ...] = (
         f"{SIZE_FORM}, or 0",
         "disk all experiments together may reserve on the working-dir filesystem; 0 = all free space above a "
         "10 % reserve (studio-go-runner used this value as a minimum-free mark instead)",
+        metavar="SIZE",
+    ),
+    _Option(
+        "max-output-size",
+        _RESOURCES,
+        _size,
+        "64mib",
+        f"{SIZE_FORM}, or 0",
+        "output (stdout and stderr) kept of each experiment: beyond it the first and the last half are kept and "
+        "a note says how much was left out between them; the last half is held in memory until the process ends; "
+        "0 = keep everything",
         metavar="SIZE",
     ),
     _Option(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import re
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 from runner.execution.containment import MARKER, Containment, Ownership
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
+from runner.execution.spawn_check import spawn_problem
 from runner.logs import event_fields
 from runner.metrics import Metrics
 from runner.outcome import EXIT_TEMPFAIL, Outcome
@@ -32,9 +34,11 @@ from runner.request import Artifact, AwsCredentials, Request
 from runner.resources.allocator import Allocation
 from runner.storage.archive import ArchiveError
 from runner.storage.artifacts import ArtifactIO
-from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, TransientStorageError
+from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, TransientStorageError, UnusableObject
+from runner.storage.budget import DiskBudget, OverBudget
 from runner.storage.status_records import StatusRecords
-from runner.units import format_duration
+from runner.truncate import shorten
+from runner.units import format_duration, format_size
 
 log = logging.getLogger("runner.experiment")
 
@@ -43,7 +47,13 @@ STATUS = "_status"
 RESULTS = "_results"
 OUTPUT = "output"
 NOT_UPLOADED = frozenset({STATUS, RESULTS})
+WORKSPACE = "workspace"
 _TAIL_LINES = 20
+# A reason is read by people (in _results.json, the output, logs and dead letters): long enough for an artifact's
+# label, URL and what went wrong, never a whole echoed value.
+_MAX_REASON = 1000
+# Upload failures that another attempt cannot fix: the experiment is failed, not retried.
+_PERMANENT_UPLOAD_ERRORS = (AccessDenied, ObjectNotFound, UnusableObject, ArchiveError)
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class LifecycleSettings:
     status_interval: float = 10.0
     debug: bool = False
     allow_env_secrets: bool = False
+    max_disk: int = 0  # bytes an experiment may stage when its request names no hdd; 0 = no budget
+    max_output: int = 0  # bytes of the process's output kept (head and tail); 0 = all of it
 
 
 @dataclass
@@ -159,6 +171,8 @@ class Experiment:
         deadline, limit_text = self._deadline()
         if deadline is not None and deadline <= asyncio.get_running_loop().time():
             return ExperimentResult(Outcome.EXPIRED, f"expired before it started ({limit_text})")
+        if not self.request.is_prewarm and WORKSPACE not in self.artifacts:
+            return ExperimentResult(Outcome.FAILED, "the request has no workspace artifact, so there is nothing to run")
 
         phase = time.monotonic()
         await self._stage()
@@ -173,6 +187,9 @@ class Experiment:
 
         argv = experiment_argv(env.python, exp.filename, exp.args)
         process_env = await asyncio.to_thread(self._process_environment, env)
+        problem = spawn_problem(argv, process_env)
+        if problem is not None:
+            return ExperimentResult(Outcome.FAILED, f"the process cannot be started: {problem}")
         phase = time.monotonic()
         self.tools.metrics.dispatch_seconds.observe(phase - self.received_at)
         self._log("process starting", python=str(env.python), script=exp.filename)
@@ -212,18 +229,41 @@ class Experiment:
             return None, ""
         return min(limits)
 
+    def _disk_budget(self) -> tuple[int, str]:
+        """The bytes this experiment may stage (0: no limit) and how a reason names that budget."""
+        hdd = self.request.experiment.resources.hdd
+        if hdd > 0:
+            return hdd, f"the {format_size(hdd)} of disk the request asks for (resources_needed.hdd)"
+        limit = self.tools.settings.max_disk
+        return limit, f"this runner's disk budget of {format_size(limit)} (--max-disk, or the free space)"
+
     async def _stage(self) -> None:
+        limit, budget_name = self._disk_budget()
+        staged = 0
         for label, artifact in sorted(self.artifacts.items()):
             target = self.label_dir(label)
             await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
             if label in NOT_UPLOADED or not (artifact.qualified or artifact.url):
                 continue
+            budget = None
+            if limit > 0:
+                left = f"the {format_size(limit - staged)} left of {budget_name}" if staged else budget_name
+                budget = DiskBudget(limit - staged, left)
             try:
-                size = await self.tools.artifacts.fetch(artifact, target)
+                size = await self.tools.artifacts.fetch(artifact, target, budget)
+                staged += size
+            except OverBudget as err:
+                # Mutable or not: running without the artifact's contents would only fail later, less clearly.
+                await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
             except (ObjectNotFound, AccessDenied, ArchiveError) as err:
                 if artifact.mutable:
                     # Normal on a first run: mutable artifacts do not exist until this runner uploads them.
                     self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
+                    continue
+                await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
+            except UnusableObject as err:
+                if artifact.mutable:
+                    self._log("mutable artifact not downloaded", level=logging.WARNING, label=label, reason=str(err))
                     continue
                 await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
             except (TransientStorageError, StorageError, OSError) as err:
@@ -245,15 +285,18 @@ class Experiment:
         """
         exp, cfg = self.request.experiment, self.request.config
         gpus = bool(self.allocation and self.allocation.gpus)
-        requirements, warnings = normalise_requirements(exp.pythonenv, cfg.pip, cfg.env, gpus=gpus)
         env_log = self.dir / OUTPUT / "outputPEnv"
         await asyncio.to_thread(env_log.parent.mkdir, parents=True, exist_ok=True)
-        for warning in warnings:
-            await self._note(f"[runner] {warning}")
-        if warnings:
-            await asyncio.to_thread(append_log, env_log, [self.secret_filter.redact(w) for w in warnings])
         overlay = self.dir / "_runner" / "venv"
         try:
+            # In a thread: a hostile pythonenv may be megabytes of lines.
+            requirements, warnings = await asyncio.to_thread(
+                normalise_requirements, exp.pythonenv, cfg.pip, cfg.env, gpus=gpus
+            )
+            for warning in warnings:
+                await self._note(f"[runner] {warning}")
+            if warnings:
+                await asyncio.to_thread(append_log, env_log, [self.secret_filter.redact(w) for w in warnings])
             lease = self.tools.envs.use(exp.pythonver, requirements, env_log, overlay=overlay)
             return await self._env_lease.enter_async_context(lease)
         except EnvBuildError as err:
@@ -293,6 +336,7 @@ class Experiment:
 
     async def _supervise(self, argv: list[str], env: dict[str, str], deadline: float | None) -> ProcessResult:
         finished = asyncio.Event()
+        not_started: OSError | ValueError | None = None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.record.started())  # beside the process: a slow metadata store must not delay it
             tg.create_task(self._checkpoints(finished))
@@ -310,10 +354,13 @@ class Experiment:
                     interrupt=self.interrupt,
                     grace=self.tools.settings.stop_grace,
                     guard=self.tools.containment.guard(self.dir) if self.tools.containment else None,
+                    max_output=self.tools.settings.max_output,
                 )
+            except (OSError, ValueError) as err:
+                not_started = err  # ended outside the task group, so that _Abort is not wrapped in a group
             finally:
                 finished.set()
-        raise AssertionError("unreachable")
+        await self._abort(*_start_failure(argv[0], not_started))
 
     async def _checkpoints(self, finished: asyncio.Event) -> None:
         """Periodic uploads: all mutable artifacts every saveWorkspaceFrequency, and each at its saveFrequency."""
@@ -350,6 +397,7 @@ class Experiment:
 
     async def _finish(self, result: ExperimentResult) -> None:
         """Final uploads (output last among mutable ones), then `_results`; upload failures can change the outcome."""
+        result.message = shorten(result.message, _MAX_REASON)
         if result.outcome is not Outcome.SUCCEEDED and result.message != "ok":
             await self._note(f"[runner] {result.outcome}: {result.message}")
         phase = time.monotonic()
@@ -358,15 +406,18 @@ class Experiment:
             key=lambda label: (label == OUTPUT, label),
         )
         failures: list[str] = []
+        permanent = False
         for label in labels:
             try:
                 await self._upload(label, checkpoint=False)
             except (StorageError, OSError) as err:
                 failures.append(f"{label}: {err}")
+                permanent = permanent or isinstance(err, _PERMANENT_UPLOAD_ERRORS)
                 self._log("final upload failed", level=logging.WARNING, label=label, reason=str(err))
         if failures and result.outcome is Outcome.SUCCEEDED:
-            result.outcome = Outcome.INFRASTRUCTURE
-            result.message = "results could not be uploaded: " + "; ".join(failures)
+            # Access denied or no such bucket will be just as true on the next attempt: failed, not retried.
+            result.outcome = Outcome.FAILED if permanent else Outcome.INFRASTRUCTURE
+            result.message = shorten("results could not be uploaded: " + "; ".join(failures), _MAX_REASON)
         await self._write_results(result)
         await self.record.finished(result.outcome)
         self.tools.metrics.phase_seconds.labels("upload").observe(time.monotonic() - phase)
@@ -398,8 +449,9 @@ class Experiment:
             except (StorageError, OSError) as err:
                 self._log("could not upload _results", level=logging.WARNING, reason=str(err))
                 if result.outcome is Outcome.SUCCEEDED:
-                    result.outcome = Outcome.INFRASTRUCTURE
-                    result.message = f"_results could not be uploaded: {err}"
+                    permanent = isinstance(err, _PERMANENT_UPLOAD_ERRORS)
+                    result.outcome = Outcome.FAILED if permanent else Outcome.INFRASTRUCTURE
+                    result.message = shorten(f"_results could not be uploaded: {err}", _MAX_REASON)
 
     # ----------------------------------------------------------------- helpers
 
@@ -478,5 +530,15 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
 
 def _append_line(path: Path, line: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
+    # errors="replace": a reason may quote a lone surrogate from the request; the note must still be written.
+    with path.open("a", encoding="utf-8", errors="replace") as f:
         f.write(line.rstrip("\n") + "\n")
+
+
+def _start_failure(program: str, err: OSError | ValueError | None) -> tuple[Outcome, str]:
+    """The outcome of a process that could not be started: the request's fault (a command line too long, a value
+    the kernel refuses) fails it; anything else is this runner's and may pass elsewhere."""
+    if isinstance(err, ValueError) or (isinstance(err, OSError) and err.errno in (errno.E2BIG, errno.ENAMETOOLONG)):
+        return Outcome.FAILED, f"the process cannot be started: {shorten(str(err))}"
+    reason = (err.strerror or str(err)) if isinstance(err, OSError) else "no reason given"
+    return Outcome.INFRASTRUCTURE, f"could not start {program}: {shorten(reason)}"

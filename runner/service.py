@@ -45,6 +45,7 @@ from runner.resources.allocator import Allocation, Allocator
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import ObjectStore
 from runner.storage.cache import ArtifactCache
+from runner.truncate import shorten
 from runner.units import format_size
 
 log = logging.getLogger("runner.service")
@@ -166,6 +167,8 @@ class Runner:
                     status_interval=s.status_interval,
                     debug=s.debug,
                     allow_env_secrets=s.allow_env_secrets,
+                    max_disk=capacity.disk,
+                    max_output=s.max_output_size,
                 ),
             )
             if (listen := s.prom_listen()) is not None:
@@ -446,7 +449,8 @@ class Runner:
             raise
         except Exception as err:  # a bug here must not lose the message: requeue it with backoff
             log.exception("experiment failed inside the runner", extra=extra)
-            result = ExperimentResult(Outcome.INFRASTRUCTURE, f"runner error: {err!r}")
+            reason = f"runner error ({type(err).__name__}): {shorten(str(err))}"  # a sentence, not a repr
+            result = ExperimentResult(Outcome.INFRASTRUCTURE, reason)
         finally:
             self.allocator.release(decision.allocation)
             self._running.pop(key, None)

@@ -8,6 +8,7 @@ because exact compatibility with those two Go functions matters more than anythi
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS: dict[str, int] = {
@@ -106,8 +107,22 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+# Beyond this (about 31 million years) hours would be a wall of digits.
+_HOURS_SHOWN_UP_TO = 1e15
+
+
 def format_duration(seconds: float) -> str:
-    """Render seconds in Go's style (``1h30m0s``, ``1.5s``) so logs echo what users typed."""
+    """Render seconds in Go's style (``1h30m0s``, ``1.5s``) so logs echo what users typed.
+
+    Any float is rendered, never raised on: ``inf``, ``nan``, negative and astronomically large values reach here
+    from requests, and the reason that names them must still be written.
+    """
+    if math.isnan(seconds) or math.isinf(seconds):
+        return str(seconds)  # "inf", "-inf", "nan"
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds >= _HOURS_SHOWN_UP_TO:
+        return f"{seconds:.3g}s"
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
     whole = int(seconds)

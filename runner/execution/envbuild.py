@@ -31,6 +31,13 @@ _PERMANENT_FAILURES = (
     "not found in the package registry",  # uv
     "failed to parse",  # uv: a malformed requirement line
     "couldn't parse requirement",  # uv: a malformed requirement line
+    "or the start of a requirement",  # uv: "Unexpected '-', expected '-c', '-e', '-r' or the start of a requirement"
+    "must be followed by an argument",  # uv: an option line without its value
+    "expected '=' or whitespace",  # uv: "-rfile", an option with its value attached
+    "expected comment or end-of-line",  # uv
+    "looks like a requirements file but was passed as a package name",  # uv
+    "no such option",  # pip: an option its requirement files do not know
+    "invalid url in",  # uv: an index or link option whose value is no URL
     "distribution not found at",  # uv: a file:// reference that is not there
     "no matching distribution",  # pip
     "invalid requirement",  # pip

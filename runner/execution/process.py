@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from runner.execution.prctl import ChildStep, Prctl, run_steps
-from runner.units import format_duration
+from runner.units import format_duration, format_size
 
 log = logging.getLogger(__name__)
 
@@ -230,25 +230,76 @@ class ProcessResult:
 
 
 class _Output:
-    """Where every output line goes: redacted, appended to the output file, kept in the tail, passed to ``on_line``."""
+    """Where every output line goes: redacted, appended to the output file, kept in the tail, passed to ``on_line``.
+
+    With ``max_bytes``, the file gets the first half of that many bytes as they come; after that, lines go to a
+    ring of the other half in memory (whole lines leave it from the front), and :meth:`finish` writes a note of
+    what was left out, then the ring: a process printing a gigabyte leaves its start and its end, not a gigabyte.
+    """
 
     def __init__(
-        self, file: IO[str], secret_filter: SecretFilter, on_line: Callable[[str], None] | None, tail_lines: int
+        self,
+        file: IO[str],
+        secret_filter: SecretFilter,
+        on_line: Callable[[str], None] | None,
+        tail_lines: int,
+        max_bytes: int = 0,
     ) -> None:
         self._file: IO[str] | None = file
         self._filter = secret_filter
         self._on_line = on_line
         self.tail: deque[str] = deque(maxlen=tail_lines)
+        self._max_bytes = max_bytes
+        self._head_left = max_bytes - max_bytes // 2
+        self._ring = bytearray()
+        self._ring_max = max_bytes // 2
+        self._cut = False
+        self.dropped_bytes = 0
+        self.dropped_lines = 0
 
     def _write(self, text: str) -> None:
+        if self._max_bytes <= 0:
+            self._emit(text + "\n")
+            return
+        data = (text + "\n").encode("utf-8", errors="replace")
+        if not self._cut and len(data) <= self._head_left:
+            self._head_left -= len(data)
+            self._emit(text + "\n")
+            return
+        self._cut = True
+        self._ring += data
+        excess = len(self._ring) - self._ring_max
+        if excess > 0:
+            # Whole lines leave the ring, oldest first; deleting from a bytearray's front costs no copy.
+            end = self._ring.find(b"\n", excess - 1) + 1 or len(self._ring)
+            self.dropped_lines += self._ring.count(b"\n", 0, end)
+            self.dropped_bytes += end
+            del self._ring[:end]
+
+    def _emit(self, text: str) -> None:
         if self._file is None:
             return
         try:
-            self._file.write(text + "\n")
+            self._file.write(text)
         except OSError as err:
             # A full disk must not kill the supervision; the tail still reaches _results.
             log.error("cannot write experiment output, dropping the rest of it: %s", err)
             self._file = None
+
+    def finish(self) -> None:
+        """Write what the ring holds, after a note saying how much output was left out (nothing without a cut)."""
+        if not self._cut:
+            return
+        if self.dropped_bytes:
+            head, tail = self._max_bytes - self._max_bytes // 2, self._ring_max
+            self._emit(
+                f"[runner] output beyond --max-output-size {format_size(self._max_bytes)}: {self.dropped_bytes} "
+                f"bytes ({self.dropped_lines} lines) left out here; the first {format_size(head)} and the last "
+                f"{format_size(tail)} are kept\n"
+            )
+        self._emit(self._ring.decode("utf-8", errors="replace"))
+        self._ring = bytearray()
+        self._cut = False
 
     def line(self, raw: bytes) -> None:
         text = self._filter.redact(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
@@ -384,6 +435,7 @@ async def run_process(
     drain: float = 5.0,
     child_setup: Sequence[ChildStep] = (),
     guard: ProcessGuard | None = None,
+    max_output: int = 0,
 ) -> ProcessResult:
     """Run ``argv`` to the end and report how it ended; its output is appended to ``output``.
 
@@ -396,11 +448,13 @@ async def run_process(
     The process gets SIGKILL when the runner dies. ``child_setup`` steps run in the child between fork and exec, after
     that one (each must only make calls resolved beforehand). ``guard`` learns the pid, and its ``sweep`` ends what
     the process left running anywhere -- outside its group too -- as soon as it has exited.
+    With ``max_output``, at most that many bytes of output are written: its head and its tail (see
+    :class:`_Output`).
     """
     loop = asyncio.get_running_loop()
     file = await asyncio.to_thread(_open_output, output)
+    out = _Output(file, secret_filter, on_line, TAIL_LINES, max_output)
     try:
-        out = _Output(file, secret_filter, on_line, TAIL_LINES)
         early = _pending_reason(stop, interrupt, deadline, loop.time())
         if early is not None:
             out.note(f"{_WHY[early]} before the process started: not started")
@@ -408,10 +462,15 @@ async def run_process(
         steps = (Prctl().die_with_parent(), *child_setup)
         return await _supervise(loop, argv, cwd, env, out, deadline, stop, interrupt, grace, drain, steps, guard)
     finally:
-        try:
-            file.close()
-        except OSError as err:  # the last flush on a full disk; the result matters more than the output file
-            log.error("cannot write experiment output %s: %s", output, err)
+        await asyncio.to_thread(_close_output, out, file, output)  # the kept tail may be megabytes
+
+
+def _close_output(out: _Output, file: IO[str], output: Path) -> None:
+    out.finish()
+    try:
+        file.close()
+    except OSError as err:  # the last flush on a full disk; the result matters more than the output file
+        log.error("cannot write experiment output %s: %s", output, err)
 
 
 def _open_output(path: Path) -> IO[str]:

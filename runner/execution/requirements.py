@@ -8,19 +8,14 @@ that exist only on the submitter's machine. ``config.pip`` lists more packages, 
 from __future__ import annotations
 
 import re
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+
+from runner.execution.local_refs import RefusedRequirements, Verdict, local_reference, shown_line
 
 _COMMENT = re.compile(r"(^|\s+)#.*$")  # pip's rule: '#' starts a comment at the start or after whitespace
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PKG_RESOURCES = re.compile(r"^pkg[-_.]resources\b", re.IGNORECASE)
 _EDITABLE = re.compile(r"^(?:-e|--editable)(?:\s+|=)(.*)$")
-_VCS_URL = re.compile(r"^(?:git|hg|svn|bzr)\+", re.IGNORECASE)
-_FILE_URL = re.compile(r"\bfile:[^\s;]+", re.IGNORECASE)
-_REQUIREMENT_FILE = re.compile(r"^(?:-r|--requirement|-c|--constraint)(?:\s+|=)(.*)$")
-_LOCAL_PATH = re.compile(r"^(?:/|\./|\.\./|~|[A-Za-z]:[\\/]|\.\\)")
 # A PEP 508 requirement: name, optional [extras], then the rest (version specifiers, "@ url", "; marker").
 _REQUIREMENT = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(\[[^\]]*\])?\s*(.*)$")
 # "==1.2.3" or "===1.2.3" without wildcards, optionally followed by a marker.
@@ -138,7 +133,7 @@ def _tensorflow_rules(lines: list[str], gpus: bool, notes: list[str]) -> list[st
         elif name == "tensorflow" and gpus and _TF_GPU not in names and release and release < _TF_GPU_SPLIT:
             rewritten = _TF_GPU + rest
         if rewritten != line:
-            notes.append(f"requirement {line!r} installed as {rewritten!r}")
+            notes.append(f"requirement {shown_line(line)} installed as {shown_line(rewritten)}")
         out.append(rewritten)
     return out
 
@@ -147,38 +142,9 @@ def _tensorflow_rules(lines: list[str], gpus: bool, notes: list[str]) -> list[st
 # Normalisation
 
 
-def _file_url_path(url: str) -> Path:
-    parsed = urllib.parse.urlparse(url.split("#", 1)[0])
-    return Path(urllib.request.url2pathname(parsed.path))
-
-
-def _expand(line: str, env: Mapping[str, str], warnings: list[str]) -> str:
-    def one(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name in env:
-            return env[name]
-        warnings.append(f"requirement {line!r}: ${{{name}}} is not set in config.env; left as it is")
-        return match.group(0)
-
-    return _ENV_REFERENCE.sub(one, line)
-
-
-def _local_only(line: str) -> str | None:
-    """Why ``line`` cannot be installed here (it names something on the submitter's disk), or None."""
-    if (editable := _EDITABLE.match(line)) is not None and not _VCS_URL.match(editable.group(1).strip()):
-        return "an editable install from the submitter's machine"
-    if (included := _REQUIREMENT_FILE.match(line)) is not None:
-        if not Path(included.group(1).strip()).is_file():
-            return "a requirements file that does not exist on this runner"
-        return None
-    for url in _FILE_URL.findall(line):
-        if not _file_url_path(url).exists():
-            return "a file:// reference to a path that does not exist on this runner"
-    if _LOCAL_PATH.match(line):
-        path = Path(line.split(";", 1)[0].split("#", 1)[0].strip()).expanduser()
-        if not path.is_absolute() or not path.exists():
-            return "a local path that does not exist on this runner"
-    return None
+def _expand(line: str, env: Mapping[str, str]) -> str:
+    """``${NAME}`` replaced by its value in config.env; an unset one stays, and the line is then refused."""
+    return _ENV_REFERENCE.sub(lambda match: env.get(match.group(1), match.group(0)), line)
 
 
 def _logical_lines(entry: str) -> list[str]:
@@ -196,23 +162,28 @@ def _logical_lines(entry: str) -> list[str]:
     return out
 
 
-def _clean(entries: Sequence[str], env: Mapping[str, str], warnings: list[str]) -> list[str]:
+def _clean(
+    entries: Sequence[str], env: Mapping[str, str], warnings: list[str], refused: list[tuple[str, str]]
+) -> list[str]:
     requirements: list[str] = []
     for entry in entries:
         for raw in _logical_lines(entry):
             line = " ".join(_COMMENT.sub("", raw).split())
             if not line:
                 continue
-            line = _expand(line, env, warnings)
+            line = _expand(line, env)
             if _PKG_RESOURCES.match(line):
                 continue
-            reason = _local_only(line)
-            if reason is not None:
-                warnings.append(f"requirement {line!r} skipped: {reason}")
+            local = local_reference(line)
+            if local is not None and local.verdict is Verdict.REFUSE:
+                refused.append((line, local.reason))
+                continue
+            if local is not None:
+                warnings.append(f"requirement {shown_line(line)} skipped: {local.reason}")
                 continue
             if (editable := _EDITABLE.match(line)) is not None:
                 line = editable.group(1).strip()
-                warnings.append(f"requirement {line!r} installed as a regular package, not in editable mode")
+                warnings.append(f"requirement {shown_line(line)} installed as a regular package, not in editable mode")
             requirements.append(line)
     return requirements
 
@@ -224,10 +195,12 @@ def normalise_requirements(
 
     Returns ``(requirements, warnings)``; every warning is meant for the experiment's owner. Comments, blank lines
     and ``pkg-resources`` (a bogus entry Ubuntu's pip freeze produces) are dropped, continuation lines joined, runs
-    of blanks squeezed, and ``${VAR}`` expanded from ``config.env`` (``env``). Lines that only make sense on the
-    submitter's machine -- editable installs of local directories, ``file://`` references and bare paths that do
-    not exist here, included requirement files that are not here -- are skipped with a warning; ``-e git+...``
-    becomes a plain ``git+...`` install. VCS references and index options are kept. ``pip``, ``setuptools`` and
+    of blanks squeezed, and ``${VAR}`` expanded from ``config.env`` (``env``). No line may make the build tools read
+    this machine's files (:mod:`runner.execution.local_refs`): editable installs of local directories and
+    ``name @ file://`` packages (what a freeze writes for the submitter's own disk) are skipped with a warning; any
+    other line naming a local path, an included requirements file or a ``${VAR}`` config.env does not set raises
+    :class:`RefusedRequirements`. ``-e git+...`` becomes a plain ``git+...`` install. VCS references, http(s) URLs
+    and index options with http(s) URLs are kept. ``pip``, ``setuptools`` and
     ``studioml`` pins are kept: they are part of the environment the experiment was written against.
 
     ``config.pip`` comes after ``pythonenv``; as it was a second ``pip install`` in studio-go-runner, a project it
@@ -235,13 +208,16 @@ def normalise_requirements(
     ``gpus`` says whether the experiment was given GPUs, for the ``tensorflow`` rules (see ``_tensorflow_rules``).
     """
     warnings: list[str] = []
-    first = _clean(pythonenv, env, warnings)
-    then = _clean(pip, env, warnings)
+    refused: list[tuple[str, str]] = []
+    first = _clean(pythonenv, env, warnings, refused)
+    then = _clean(pip, env, warnings, refused)
+    if refused:
+        raise RefusedRequirements(refused)
     replaced = {name for line in then if (name := requirement_name(line)) is not None}
     kept = []
     for line in first:
         if requirement_name(line) in replaced:
-            warnings.append(f"requirement {line!r} replaced by config.pip")
+            warnings.append(f"requirement {shown_line(line)} replaced by config.pip")
             continue
         kept.append(line)
     unique = list(dict.fromkeys([*kept, *then]))

@@ -8,27 +8,41 @@ Two rules shape this module:
   ``.tar.bz2`` keys (it names the object after the configured compression but always writes ``tarfile.open('w')``),
   so the compression is sniffed from the first bytes of the file.
 * An archive comes from whoever can write to the bucket, so every entry is checked before anything is written:
-  no absolute paths, no ``..``, no links leading out of the artifact directory, no devices or FIFOs. The
-  ``data`` extraction filter of :mod:`tarfile` is applied as well, as a second line of defence.
+  no absolute paths, no ``..``, no links leading out of the artifact directory, no devices or FIFOs, no names the
+  filesystem cannot hold. The ``data`` extraction filter of :mod:`tarfile` is applied as well, as a second line of
+  defence.
+* What an archive claims is not what it costs to read: a few KB of bzip2 can hold gigabytes of zeros, and a tar
+  header can claim a gigabyte of pax data that tarfile would read into memory. Unpacking stops at the artifact's
+  :class:`~runner.storage.budget.DiskBudget` (entries' sizes while the headers are read, then every byte as it is
+  written), and no header is read beyond :data:`_MAX_HEADER_READ`.
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import logging
 import lzma
 import os
 import posixpath
 import secrets
+import shutil
 import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from runner.storage import parallel_extract
 from runner.storage.base import StorageError
+from runner.storage.budget import ENTRY_COST, DiskBudget, OverBudget
+from runner.truncate import shorten
+from runner.units import format_size
+
+if TYPE_CHECKING:
+    from _typeshed import StrOrBytesPath
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,12 @@ _CORRUPT = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 # Links are followed at most this many times while checking where a path lands (the kernel allows 40).
 _MAX_LINK_HOPS = 40
+# Linux limits: one path component, and a whole path passed to a system call (PATH_MAX less its NUL).
+_NAME_MAX = 255
+_PATH_MAX = 4095
+# The largest single read tarfile may make from an archive. Its data reads are _COPY_BUFFER long; only a pax or GNU
+# long-name header asks for more, and those hold names and attributes: kilobytes, not a gigabyte of RAM.
+_MAX_HEADER_READ = 8 << 20
 
 
 def _basename(key: str) -> str:
@@ -106,43 +126,159 @@ def sniff_compression(path: Path) -> str:
 # Extraction
 
 
-def unpack(archive: Path, dest: Path) -> int:
+def unpack(archive: Path, dest: Path, budget: DiskBudget | None = None) -> int:
     """Extract ``archive`` into ``dest`` (created) and return the bytes of regular files written.
 
     Every entry is validated before the first one is written, so an :class:`UnsafeArchive` leaves nothing behind.
-    A zero-length file is taken as an empty archive.
+    With a ``budget``, the entries' sizes are charged as their headers are read (a bomb is refused before anything
+    is written, and before the rest of it is decompressed) and every byte as it is written; :class:`OverBudget`
+    stops the work at once and removes what was written. A zero-length file is taken as an empty archive.
     """
     if archive.stat().st_size == 0:
         dest.mkdir(parents=True, exist_ok=True)
         return 0
     compression = sniff_compression(archive)
-    try:
-        tf = _open_tar(archive, compression, "r")
-    except _CORRUPT as err:
-        kind = f"{compression}-compressed tar" if compression else "tar archive"
-        raise ArchiveError(f"{archive.name} is not a readable {kind}: {_describe(err)}") from None
-    with tf:
-        members = _read_members(tf, archive, compression)
-        _validate(members, archive.name)
-        dest.mkdir(parents=True, exist_ok=True)
-        tf.copybufsize = _COPY_BUFFER  # type: ignore[attr-defined]  # public, missing from the stubs
+    with contextlib.ExitStack() as stack:
         try:
-            if not hasattr(tarfile, "data_filter"):  # pragma: no cover - 3.11 before .4 relies on _validate alone
-                tf.extractall(dest, members=members)
-            elif not compression and parallel_extract.qualifies(members):
-                parallel_extract.extract(tf, archive, members, dest)
-            else:
-                tf.extractall(dest, members=members, filter="data")
-        except tarfile.FilterError as err:
-            raise UnsafeArchive(f"unsafe entry in {archive.name}: {err}") from None
-        except _CORRUPT as err:
-            raise ArchiveError(f"{archive.name} is damaged: {_describe(err)}") from None
+            tf = stack.enter_context(_open_for_reading(archive, compression, budget))
+        except OSError as err:
+            if not _is_corrupt(err):
+                raise
+            kind = f"{compression}-compressed tar" if compression else "tar archive"
+            raise ArchiveError(f"{archive.name} is not a readable {kind}: {_describe(err)}") from None
+        members = _read_members(tf, archive, compression, budget)
+        _validate(members, archive.name, dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            _extract(tf, archive, compression, members, dest, budget)
+        except OverBudget:
+            _remove_written(members, dest)
+            raise
     return sum(m.size for m in members if m.isreg())
 
 
-def _read_members(tf: tarfile.TarFile, archive: Path, compression: str) -> list[tarfile.TarInfo]:
-    """Read every header; for compressed archives this decompresses the whole stream, which finds truncation."""
+def _extract(
+    tf: tarfile.TarFile,
+    archive: Path,
+    compression: str,
+    members: list[tarfile.TarInfo],
+    dest: Path,
+    budget: DiskBudget | None,
+) -> None:
+    tf.copybufsize = _COPY_BUFFER  # type: ignore[attr-defined]  # public, missing from the stubs
     try:
+        if not hasattr(tarfile, "data_filter"):  # pragma: no cover - 3.11 before .4 relies on _validate alone
+            tf.extractall(dest, members=members)
+        elif not compression and parallel_extract.qualifies(members):
+            parallel_extract.extract(tf, archive, members, dest, budget)
+        else:
+            tf.extractall(dest, members=members, filter="data")
+    except tarfile.FilterError as err:
+        raise UnsafeArchive(f"unsafe entry in {archive.name}: {shorten(str(err))}") from None
+    except OSError as err:
+        if not _is_corrupt(err):
+            raise
+        raise ArchiveError(f"{archive.name} is damaged: {_describe(err)}") from None
+    except _CORRUPT as err:
+        raise ArchiveError(f"{archive.name} is damaged: {_describe(err)}") from None
+
+
+def _remove_written(members: list[tarfile.TarInfo], dest: Path) -> None:
+    """Remove what the archive's entries put at the top of ``dest`` (links themselves, never what they point to)."""
+    for top in sorted({parts[0] for m in members if (parts := _parts(m.name))}):
+        path = dest / top
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+class _Source:
+    """The archive's (decompressed) bytes as tarfile reads them: no read larger than :data:`_MAX_HEADER_READ`, and,
+    while a file is being written, every byte read for it charged to the budget before it is written."""
+
+    def __init__(self, raw: BinaryIO, budget: DiskBudget | None) -> None:
+        self._raw = raw
+        self._budget = budget
+        self.metering = False
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > _MAX_HEADER_READ:
+            shown = "the rest of the archive" if size < 0 else format_size(size)
+            limit = format_size(_MAX_HEADER_READ)
+            raise ArchiveError(f"an entry's header asks to read {shown} at once; headers are limited to {limit}")
+        data = self._raw.read(size)
+        if self.metering and self._budget is not None:
+            self._budget.spend(len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+class _TarFile(tarfile.TarFile):
+    """A TarFile reading through a :class:`_Source`, metering the bytes of every file it writes (links that cannot
+    be made are copies: those are written through here too)."""
+
+    def makefile(self, tarinfo: tarfile.TarInfo, targetpath: StrOrBytesPath) -> None:
+        source = cast(_Source, self.fileobj)
+        source.metering = True
+        try:
+            super().makefile(tarinfo, targetpath)
+        finally:
+            source.metering = False
+
+
+@contextlib.contextmanager
+def _open_for_reading(archive: Path, compression: str, budget: DiskBudget | None) -> Iterator[tarfile.TarFile]:
+    with open(archive, "rb") as file, _decompressed(file, compression) as raw:
+        try:
+            tf = _TarFile(fileobj=cast(BinaryIO, _Source(raw, budget)), mode="r")
+        except _CORRUPT as err:
+            raise OSError(_describe(err)) from None  # no errno: reported as damage by the caller
+        with tf:
+            yield tf
+
+
+@contextlib.contextmanager
+def _decompressed(file: BinaryIO, compression: str) -> Iterator[BinaryIO]:
+    if compression == "gz":
+        with gzip.GzipFile(fileobj=file, mode="rb") as gz:
+            yield cast(BinaryIO, gz)
+    elif compression == "bz2":
+        with bz2.BZ2File(file, "rb") as bz:
+            yield cast(BinaryIO, bz)
+    elif compression == "xz":
+        with lzma.LZMAFile(file, "rb") as xz:
+            yield cast(BinaryIO, xz)
+    else:
+        yield file
+
+
+def _is_corrupt(err: OSError) -> bool:
+    """Damaged compressed data: gzip says BadGzipFile, bz2 a plain OSError; neither carries an errno, unlike a
+    failing disk."""
+    return isinstance(err, gzip.BadGzipFile) or err.errno is None
+
+
+def _read_members(
+    tf: tarfile.TarFile, archive: Path, compression: str, budget: DiskBudget | None
+) -> list[tarfile.TarInfo]:
+    """Read every header; for compressed archives this decompresses the whole stream, which finds truncation.
+
+    With a budget, the entries are charged as they are read, so that a bomb stops at its first headers rather than
+    after gigabytes of decompression.
+    """
+    claimed = 0
+    try:
+        for member in tf:
+            claimed += ENTRY_COST + _data_size(member)
+            if budget is not None:
+                budget.check_claims(claimed)
         members = tf.getmembers()
     except _CORRUPT as err:
         raise ArchiveError(f"{archive.name} is damaged or truncated: {_describe(err)}") from None
@@ -156,21 +292,49 @@ def _read_members(tf: tarfile.TarFile, archive: Path, compression: str) -> list[
     return members
 
 
+def _data_size(member: tarfile.TarInfo) -> int:
+    """The bytes of data tarfile reads for ``member`` (and writes, for a file): a sparse file's segments only."""
+    if member.sparse is not None:
+        segments = cast(list[tuple[int, int]], member.sparse)  # (offset, size) pairs; the stubs say otherwise
+        return sum(size for _, size in segments)
+    if member.isreg() or member.type not in tarfile.SUPPORTED_TYPES:
+        return member.size
+    return 0
+
+
 def _describe(err: BaseException) -> str:
-    return str(err) or type(err).__name__
+    return shorten(str(err) or type(err).__name__)
 
 
 def _parts(path: str) -> list[str]:
     return [p for p in path.split("/") if p not in ("", ".")]
 
 
-def _validate(members: list[tarfile.TarInfo], archive_name: str) -> None:
+def _validate(members: list[tarfile.TarInfo], archive_name: str, dest: Path) -> None:
     # Every symlink in the archive, so that a path passing through one is checked where it really lands.
     links = {"/".join(_parts(m.name)): m.linkname for m in members if m.issym()}
+    room = _PATH_MAX - len(os.fsencode(dest)) - 1
     for member in members:
         reason = _unsafe_reason(member, links)
         if reason:
-            raise UnsafeArchive(f"unsafe entry {member.name!r} in {archive_name}: {reason}")
+            raise UnsafeArchive(f"unsafe entry {shorten(repr(member.name))} in {archive_name}: {reason}")
+        reason = _unwritable_reason(member, room)
+        if reason:
+            raise ArchiveError(f"entry {shorten(repr(member.name))} in {archive_name} cannot be unpacked: {reason}")
+
+
+def _unwritable_reason(member: tarfile.TarInfo, room: int) -> str:
+    """Why the filesystem would refuse ``member``'s name (checked first, so that nothing is half written)."""
+    if "\0" in member.name or "\0" in member.linkname:
+        return "its name or link target holds a NUL byte"
+    name = os.fsencode(member.name)
+    if len(name) > room:
+        return f"its path is {len(name)} bytes long; at most {max(0, room)} fit below the artifact directory"
+    if any(len(part) > _NAME_MAX for part in name.split(b"/")):
+        return f"a part of its path is longer than {_NAME_MAX} bytes"
+    if len(os.fsencode(member.linkname)) > _PATH_MAX:
+        return f"its link target is longer than {_PATH_MAX} bytes"
+    return ""
 
 
 def _unsafe_reason(member: tarfile.TarInfo, links: dict[str, str]) -> str:
@@ -320,17 +484,6 @@ def _check_pack_args(src_dir: Path, compression: str) -> None:
         raise ArchiveError(f"unknown compression {compression!r}; expected one of {list(_COMPRESSIONS)}")
     if not src_dir.is_dir():
         raise ArchiveError(f"cannot pack {src_dir}: not a directory")
-
-
-def _open_tar(path: Path, compression: str, mode: Literal["r", "w"]) -> tarfile.TarFile:
-    if compression == "gz":
-        # Level 9 costs much more time on large checkpoints for a few percent of size.
-        return tarfile.TarFile.gzopen(path, mode, compresslevel=6)
-    if compression == "bz2":
-        return tarfile.TarFile.bz2open(path, mode)
-    if compression == "xz":
-        return tarfile.TarFile.xzopen(path, mode)
-    return tarfile.TarFile.taropen(path, mode)
 
 
 def _open_tar_stream(out: BinaryIO, compression: str) -> tarfile.TarFile:

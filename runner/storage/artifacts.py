@@ -38,18 +38,24 @@ from runner.storage.base import (
     ObjectNotFound,
     ObjectStore,
     StorageError,
+    UnusableObject,
     UploadsGrowingFiles,
 )
+from runner.storage.budget import DiskBudget, OverBudget
 from runner.storage.cache import ArtifactCache
 from runner.storage.file import local_storage_error, path_of
 from runner.storage.growing import GrowingFile, PackingStopped, run_thread_to_end
 from runner.storage.transfer import leaf_errors
+from runner.truncate import shorten
+from runner.units import format_size
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 # A status document is a few bytes; anything far larger is not one, and is not worth parsing every poll.
 _MAX_STATUS_BYTES = 1 << 20
+# What a _status archive may unpack to: its document and a few entries, never a bomb polled every few seconds.
+_STATUS_BUDGET = 2 * _MAX_STATUS_BYTES
 
 
 class ArtifactIO:
@@ -72,7 +78,7 @@ class ArtifactIO:
         """
         url = artifact.qualified or artifact.url
         if not url:
-            raise StorageError(f"artifact '{artifact.label}' has no location")
+            raise UnusableObject(f"artifact '{artifact.label}' has no location")
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme == "s3":
@@ -86,9 +92,11 @@ class ArtifactIO:
         else:
             bucket = key = "-"  # file:// and anything else: as given
         if not bucket or not key:
-            raise StorageError(f"artifact '{artifact.label}' has no bucket or object key in {_shown(url)}")
+            raise UnusableObject(f"artifact '{artifact.label}' has no bucket or object key in {_shown(url)}")
         if scheme not in self._stores:
-            raise StorageError(f"artifact '{artifact.label}' ({_shown(url)}): unsupported scheme '{scheme}'")
+            raise UnusableObject(
+                f"artifact '{artifact.label}' ({_shown(url)}): unsupported scheme {shorten(repr(scheme), 40)}"
+            )
         return url
 
     def _store_for(self, artifact: Artifact, url: str) -> ObjectStore:
@@ -98,11 +106,12 @@ class ArtifactIO:
             return store.with_credentials(artifact.aws)
         return store
 
-    async def fetch(self, artifact: Artifact, label_dir: Path) -> int:
+    async def fetch(self, artifact: Artifact, label_dir: Path, budget: DiskBudget | None = None) -> int:
         """Stage an artifact into ``label_dir`` and return the bytes placed there.
 
         With ``unpack`` the object is a tar (whatever its compression) extracted into ``label_dir``; without, the
-        object is copied to ``label_dir/<basename of its key>``.
+        object is copied to ``label_dir/<basename of its key>``. Past ``budget`` (when given) the work stops with
+        :class:`OverBudget` and what was written is removed.
         """
         url = self.location(artifact)
         store = self._store_for(artifact, url)
@@ -113,6 +122,9 @@ class ArtifactIO:
                 dest = label_dir / _object_name(artifact, url)
                 await asyncio.to_thread(label_dir.mkdir, parents=True, exist_ok=True)
                 info = await self._download(store, url, dest, cached, copy=True)
+                if budget is not None and info.size > budget.limit:
+                    await asyncio.to_thread(dest.unlink, missing_ok=True)
+                    raise OverBudget(f"the object is {format_size(info.size)}, more than {budget.what}")
                 return info.size
             if not looks_like_tar(_key_path(artifact, url)):
                 raise ArchiveError("unpack was requested but the key does not name a tar archive (.tar, .tar.gz, ...)")
@@ -121,7 +133,7 @@ class ArtifactIO:
             try:
                 # The cache may hand out a hard link to its own read-only copy: fine, it is only read, then dropped.
                 await self._download(store, url, tmp, cached, copy=False)
-                return await asyncio.to_thread(unpack, tmp, label_dir)
+                return await asyncio.to_thread(unpack, tmp, label_dir, budget)
             finally:
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
 
@@ -203,7 +215,8 @@ class ArtifactIO:
             return document
         archive = work / "status.tar"
         await self._download(store, url, archive, None, copy=True)
-        await asyncio.to_thread(unpack, archive, work / "unpacked")
+        budget = DiskBudget(_STATUS_BUDGET, f"the {format_size(_STATUS_BUDGET)} a _status artifact may unpack to")
+        await asyncio.to_thread(unpack, archive, work / "unpacked", budget)
         return work / "unpacked" / STATUS_FILE
 
     async def _download(
@@ -305,7 +318,7 @@ def _key_path(artifact: Artifact, url: str) -> str:
 def _object_name(artifact: Artifact, url: str) -> str:
     name = posixpath.basename(_key_path(artifact, url).rstrip("/"))
     if name in ("", ".", ".."):
-        raise StorageError("the object has no file name to stage it under")
+        raise UnusableObject("the object has no file name to stage it under")
     return name
 
 
@@ -313,5 +326,5 @@ def _shown(url: str) -> str:
     """A URL fit for logs and errors: any ``user:password@`` removed."""
     parts = urlsplit(url)
     if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        return shorten(url)
+    return shorten(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))

@@ -1,7 +1,8 @@
 """Object stores hold experiment artifacts: ``file://``, ``s3://`` and ``gs://`` each implement ObjectStore.
 
-Errors say whether trying again may help: ``ObjectNotFound`` and ``AccessDenied`` will not pass by themselves,
-``TransientStorageError`` may (the experiment is then requeued with backoff as an infrastructure outcome).
+Errors say whether trying again may help: ``ObjectNotFound``, ``AccessDenied`` and ``UnusableObject`` will not pass
+by themselves, ``TransientStorageError`` may (the experiment is then requeued with backoff as an infrastructure
+outcome).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ class ObjectNotFound(StorageError):
 
 class AccessDenied(StorageError):
     pass
+
+
+class UnusableObject(StorageError):
+    """What the URL names can never serve as this artifact -- a directory, an archive that unpacks to more than the
+    experiment's disk budget -- so trying again cannot help."""
 
 
 class TransientStorageError(StorageError):

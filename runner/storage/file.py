@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, unquote_to_bytes
 
-from runner.storage.base import AccessDenied, ObjectInfo, ObjectNotFound, StorageError, TransientStorageError
+from runner.storage.base import (
+    AccessDenied,
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    TransientStorageError,
+    UnusableObject,
+)
 
 _PREFIX = "file://"
 _COPY_CHUNK = 1 << 20
@@ -106,7 +113,7 @@ def _stat(url: str, path: Path) -> ObjectInfo:
     except OSError as err:
         raise _object_error(err, url, path) from None
     if not stat.S_ISREG(st.st_mode):
-        raise StorageError(f"{url}: {path} is not a regular file")
+        raise UnusableObject(f"{url}: {path} is not a regular file")
     return ObjectInfo(url=url, size=st.st_size, etag=etag_of(st))
 
 
@@ -120,7 +127,7 @@ def _download(url: str, path: Path, dest: Path) -> ObjectInfo:
         # Describe the file that is actually read, not whatever the path names a moment later.
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise StorageError(f"{url}: {path} is not a regular file")
+            raise UnusableObject(f"{url}: {path} is not a regular file")
         src = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -145,6 +152,9 @@ def _upload(src: Path, url: str, path: Path) -> None:
             _write_atomically(f, path, durable=True)
         except PermissionError:
             raise AccessDenied(f"{url}: permission denied writing {path}") from None
+        except (IsADirectoryError, NotADirectoryError) as err:
+            # A directory where the object should go, or a file where one of its directories should be.
+            raise UnusableObject(f"{url}: cannot be written at {path}: {err.strerror}") from None
         except OSError as err:
             raise local_storage_error(err, f"could not write {url} ({path})") from None
 
@@ -176,7 +186,7 @@ def _object_error(err: OSError, url: str, path: Path) -> StorageError:
     if isinstance(err, PermissionError):
         return AccessDenied(f"{url}: permission denied on {path}")
     if isinstance(err, IsADirectoryError):
-        return StorageError(f"{url}: {path} is a directory, not a file")
+        return UnusableObject(f"{url}: {path} is a directory, not a file")
     return local_storage_error(err, f"{url}: {path}")
 
 

@@ -27,10 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
+from runner.storage.budget import DiskBudget
+
 # Fewer files than this are not worth the threads.
 MIN_FILES: Final = 64
 MAX_THREADS: Final = 8
 _COPY_CHUNK: Final = 1 << 20
+_RANGE_CHUNK: Final = 16 << 20  # bytes per copy_file_range call
 
 
 def qualifies(members: list[tarfile.TarInfo]) -> bool:
@@ -51,10 +54,13 @@ def qualifies(members: list[tarfile.TarInfo]) -> bool:
     return files >= MIN_FILES and len(directories) > 1
 
 
-def extract(tf: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo], dest: Path) -> None:
+def extract(
+    tf: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo], dest: Path, budget: DiskBudget | None = None
+) -> None:
     """Extract ``members`` of the plain tar ``archive`` (open as ``tf``) into ``dest``, which exists.
 
-    Raises tarfile.FilterError for an entry the ``data`` filter refuses, OSError for filesystem trouble.
+    Every byte copied is charged to ``budget``, when there is one. Raises tarfile.FilterError for an entry the
+    ``data`` filter refuses, OverBudget past the budget, OSError for filesystem trouble.
     """
     files = [m for m in members if m.isreg()]
     directories = [m for m in members if not m.isreg()]
@@ -75,7 +81,7 @@ def extract(tf: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo], 
     fd = os.open(archive, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with ThreadPoolExecutor(max_workers=min(MAX_THREADS, len(groups)), thread_name_prefix="unpack") as pool:
-            futures = [pool.submit(_write_group, fd, group, root, failed) for group in groups.values()]
+            futures = [pool.submit(_write_group, fd, group, root, failed, budget) for group in groups.values()]
             errors = [f.exception() for f in futures]
     finally:
         os.close(fd)
@@ -87,7 +93,9 @@ def extract(tf: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo], 
     tf.extractall(dest, members=directories, filter="data")
 
 
-def _write_group(fd: int, group: list[tarfile.TarInfo], root: str, failed: threading.Event) -> None:
+def _write_group(
+    fd: int, group: list[tarfile.TarInfo], root: str, failed: threading.Event, budget: DiskBudget | None
+) -> None:
     try:
         # tarfile's data filter resolves every member's path through realpath(); the files of one group share
         # their directory, so its check is made once here, and each file is opened O_NOFOLLOW below it.
@@ -98,7 +106,7 @@ def _write_group(fd: int, group: list[tarfile.TarInfo], root: str, failed: threa
         for member in group:
             if failed.is_set():
                 return
-            _write_file(fd, member, root)
+            _write_file(fd, member, root, budget)
     except BaseException:
         failed.set()
         raise
@@ -116,7 +124,7 @@ def data_mode(member: tarfile.TarInfo) -> int | None:
     return mode | 0o600
 
 
-def _write_file(source: int, member: tarfile.TarInfo, root: str) -> None:
+def _write_file(source: int, member: tarfile.TarInfo, root: str, budget: DiskBudget | None) -> None:
     name = _normal(member.name)
     if member.name.startswith("/") or not name:
         raise tarfile.AbsolutePathError(member)
@@ -128,7 +136,7 @@ def _write_file(source: int, member: tarfile.TarInfo, root: str) -> None:
         os.unlink(target)
         out = os.open(target, flags, 0o600)
     try:
-        _copy(source, out, member.offset_data, member.size)
+        _copy(source, out, member.offset_data, member.size, budget)
         mode = data_mode(member)
         if mode is not None:
             os.fchmod(out, mode)
@@ -138,15 +146,18 @@ def _write_file(source: int, member: tarfile.TarInfo, root: str) -> None:
         os.close(out)
 
 
-def _copy(source: int, out: int, offset: int, size: int) -> None:
+def _copy(source: int, out: int, offset: int, size: int, budget: DiskBudget | None) -> None:
     """``size`` bytes of ``source`` from ``offset`` to the start of ``out``, in the kernel when it can."""
     done = 0
     try:
         while done < size:
-            n = os.copy_file_range(source, out, size - done, offset + done)
+            # Bounded, so that the budget is checked every few MiB of a large file rather than once at its end.
+            n = os.copy_file_range(source, out, min(_RANGE_CHUNK, size - done), offset + done)
             if n == 0:
                 raise tarfile.ReadError("unexpected end of data")
             done += n
+            if budget is not None:
+                budget.spend(n)
         return
     except OSError as err:
         if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
@@ -155,6 +166,8 @@ def _copy(source: int, out: int, offset: int, size: int) -> None:
         chunk = os.pread(source, min(_COPY_CHUNK, size - done), offset + done)
         if not chunk:
             raise tarfile.ReadError("unexpected end of data")
+        if budget is not None:
+            budget.spend(len(chunk))
         os.pwrite(out, chunk, done)
         done += len(chunk)
 

@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import Any, Final
 
 from runner.request import AwsCredentials
-from runner.storage.base import AccessDenied, ObjectInfo, ObjectNotFound, StorageError, TransientStorageError
+from runner.storage.base import (
+    AccessDenied,
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    TransientStorageError,
+    UnusableObject,
+)
 from runner.storage.growing import GrowingFile
 from runner.storage.s3_checks import (
     MULTIPART_ETAG,
@@ -57,6 +64,7 @@ from runner.storage.s3_checks import (
 )
 from runner.storage.s3_endpoints import SCHEME, Endpoint, S3Location, TlsOptions, describe_credentials, locate
 from runner.storage.transfer import TransferPool, leaf_errors, with_retries
+from runner.truncate import shorten
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +181,11 @@ def _translate(err: BaseException, loc: S3Location, action: str, credentials: Aw
     """The storage error a caller sees for a failure of ``action`` on ``loc``; other errors pass unchanged."""
     from botocore import exceptions as bx
 
-    where = loc.url
+    where = shorten(loc.url)
     if isinstance(err, StorageError):
         return err
+    if isinstance(err, bx.ParamValidationError):  # refused by botocore before sending: an invalid bucket name, ...
+        return UnusableObject(f"{where}: {action} impossible: {shorten(str(err).replace(chr(10), ' '))}")
     if isinstance(err, bx.ClientError):
         code, status, message = _error_code(err)
         detail = f"{code}: {message}" if message and message != code else code
@@ -191,6 +201,10 @@ def _translate(err: BaseException, loc: S3Location, action: str, credentials: Aw
             )
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientStorageError(f"{where}: {action} failed, {loc.endpoint} answered {detail}")
+        if 400 <= status < 500 and status != 408:
+            # The request itself is wrong (InvalidBucketName, KeyTooLongError, EntityTooLarge, ...): sending it again
+            # gets the same answer.
+            return UnusableObject(f"{where}: {action} refused by {loc.endpoint} ({detail})")
         return StorageError(f"{where}: {action} failed, {loc.endpoint} answered {detail}")
     if isinstance(err, bx.NoCredentialsError | bx.PartialCredentialsError):
         return AccessDenied(

@@ -261,7 +261,7 @@ async def test_a_local_disk_error_while_staging_is_a_storage_error_naming_the_ar
 ) -> None:
     blob = client_tar(tmp_path / "store" / "w.tar", {"a": b"a"})
 
-    def disk_full(archive: Path, dest: Path) -> int:
+    def disk_full(archive: Path, dest: Path, budget: object = None) -> int:
         raise OSError(errno.ENOSPC, "No space left on device", str(dest))
 
     monkeypatch.setattr(artifacts_module, "unpack", disk_full)

@@ -315,3 +315,18 @@ async def test_an_unusable_cache_directory_is_a_retryable_error(tmp_path: Path) 
     with pytest.raises(EnvBuildError, match="is not usable") as caught:
         await EnvCache(blocked).ensure("", SIX, tmp_path / "outputPEnv")
     assert caught.value.retryable is True
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["--unknown-option x", "foo==>1", "--index-url", "-x something", "requirements.txt"],
+)
+async def test_requirements_uv_cannot_parse_fail_for_good_without_a_retry(
+    cache: EnvCache, tmp_path: Path, line: str
+) -> None:
+    if line == "requirements.txt":
+        (cache.root / line).parent.mkdir(parents=True, exist_ok=True)
+        (cache.root / line).write_text("six\n")  # uv looks for it in its working directory, the cache root
+    with pytest.raises(EnvBuildError) as caught:
+        await cache.ensure("", ["six==1.16.0", line], tmp_path / "build.log")
+    assert not caught.value.retryable, caught.value

@@ -16,6 +16,7 @@ import pytest
 
 from runner.storage import parallel_extract
 from runner.storage.archive import ArchiveError, UnsafeArchive, pack, unpack
+from runner.storage.budget import DiskBudget
 from runner.storage.parallel_extract import MIN_FILES, data_mode, qualifies
 
 T0 = 1_600_000_000  # mtimes in whole seconds, as archives keep them, so that they compare exactly
@@ -109,9 +110,11 @@ def parallel_runs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     runs: list[Path] = []
     extract = parallel_extract.extract
 
-    def spy(tf: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo], dest: Path) -> None:
+    def spy(
+        tf: tarfile.TarFile, archive: Path, members: list[tarfile.TarInfo], dest: Path, budget: DiskBudget | None
+    ) -> None:
         runs.append(archive)
-        extract(tf, archive, members, dest)
+        extract(tf, archive, members, dest, budget)
 
     monkeypatch.setattr(parallel_extract, "extract", spy)
     return runs
@@ -235,10 +238,10 @@ def test_each_directory_is_written_by_one_worker_thread(
     write_file = parallel_extract._write_file
     lock = threading.Lock()
 
-    def spy(source: int, member: tarfile.TarInfo, root: str) -> None:
+    def spy(source: int, member: tarfile.TarInfo, root: str, budget: DiskBudget | None) -> None:
         with lock:
             writers.setdefault(member.name.rpartition("/")[0], set()).add(threading.current_thread().name)
-        write_file(source, member, root)
+        write_file(source, member, root, budget)
 
     monkeypatch.setattr(parallel_extract, "_write_file", spy)
     archive = write_tar(tmp_path / "w.tar", files(MIN_FILES, 8))

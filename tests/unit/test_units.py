@@ -58,3 +58,19 @@ def test_durations_render_in_go_style() -> None:
     assert format_duration(5400) == "1h30m0s"
     assert format_duration(0.25) == "250ms"
     assert format_duration(90) == "1m30s"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
+        (float("nan"), "nan"),
+        (-90, "-1m30s"),
+        (1e300, "1e+300s"),
+        (float(10**308), "1e+308s"),
+    ],
+)
+def test_any_float_renders_as_a_duration_without_raising(seconds: float, shown: str) -> None:
+    # Such values come from requests (a max_duration of 400 digits parses to infinity) and end up in reasons.
+    assert format_duration(seconds) == shown
