@@ -1,0 +1,371 @@
+"""Build the runner's image with buildah on a Debian base made here, then try it: ``nox -s image``.
+
+No image registry is reachable from some build machines, so the base is made locally: ``debootstrap`` (bookworm,
+minbase, plus Debian's ``python3``, ``python3-venv`` and ``ca-certificates``) from the Debian mirror this machine's
+apt uses, trimmed like Debian's slim images, imported into buildah's storage. It stands in for the Containerfile's
+default base (``python:3.11-slim-bookworm``) and is made once: the rootfs tarball and buildah's storage live in the
+cache directory (``--cache``, ``$IMAGE_CACHE``, else ``~/.cache/studio-runner-image``), never in the repository.
+
+Then ``buildah bud --isolation chroot`` builds the Containerfile. The host's CA bundle and package index reach the
+``RUN`` steps as build secrets, so nothing of them lands in a layer. Finally, in the built image: ``python -m runner
+--help``; an experiment from ``examples/hello`` end to end on a local queue (``submit``, ``--limit-tasks 1``,
+``show``); the time from ``buildah run`` to ``/readyz`` answering. The figures (image size, build time, start to
+ready) are printed at the end.
+
+Needs root (buildah's storage, chroot isolation, debootstrap) and network to the Debian mirror and the package
+index. ``buildah`` and ``debootstrap`` are installed with apt-get when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = "bookworm"
+# What the base adds to debootstrap's minbase: the interpreter, `python3 -m venv` (the build bootstraps uv with it,
+# as it would on python:3.11-slim) and the CA certificates that pip and uv need for HTTPS.
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+BASE_IMAGE = f"localhost/studio-runner-base:{SUITE}"
+DEFAULT_TAG = "localhost/studio-runner:dev"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+READY_TIMEOUT = 120.0
+RUN_TIMEOUT = 900.0  # an experiment builds its environment from the package index: minutes on a loaded machine
+
+# Debian's slim images drop these at install time; the base does the same so later apt-get installs stay small.
+_DPKG_EXCLUDES = """\
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+path-exclude /usr/share/lintian/*
+"""
+_TRIMMED = (
+    "var/cache/apt/archives/*.deb",
+    "var/cache/apt/*.bin",
+    "var/lib/apt/lists/*",
+    "var/cache/debconf/*-old",
+    "var/log/*.log",
+    "var/log/apt/*",
+    "usr/share/man/*",
+    "usr/share/info/*",
+    "usr/share/lintian/*",
+)
+
+
+def log(message: str) -> None:
+    print(f"image: {message}", flush=True)
+
+
+def run(cmd: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    log("$ " + " ".join(cmd))
+    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def ensure_tools() -> None:
+    """buildah and debootstrap from Debian's packages, installed when missing (root, as on these machines)."""
+    missing = [pkg for pkg, exe in (("buildah", "buildah"), ("debootstrap", "debootstrap")) if not shutil.which(exe)]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"image: needs {', '.join(missing)}: sudo apt-get install {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-q"], env=env)
+    run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this machine's apt uses for the main archive (not -security), else deb.debian.org."""
+    sources = Path("/etc/apt")
+    files = [sources / "sources.list", *sorted((sources / "sources.list.d").glob("*"))]
+    for path in files:
+        if path.suffix not in ("", ".list", ".sources") or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        for uri in re.findall(r"^URIs:\s*(.+)$", text, re.MULTILINE):
+            for one in uri.split():
+                if one.rstrip("/").endswith("/debian"):
+                    return one
+        for match in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)", text, re.MULTILINE):
+            if match.group(1).rstrip("/").endswith("/debian"):
+                return match.group(1)
+    return DEFAULT_MIRROR
+
+
+def package_index() -> str:
+    """The index pip or uv on this machine would use, for the build's RUN steps; "" means PyPI.
+
+    Environment first (uv's, then pip's names), then pip's config files; ``file://`` indexes are skipped, as the
+    build cannot see this machine's directories.
+    """
+    for name in ("UV_DEFAULT_INDEX", "UV_INDEX_URL", "PIP_INDEX_URL"):
+        if (value := os.environ.get(name, "").strip()) and not value.startswith("file:"):
+            return value
+    home = Path.home()
+    config_files = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf"), home / ".pip/pip.conf"]
+    config_files.append(home / ".config/pip/pip.conf")
+    if os.environ.get("PIP_CONFIG_FILE"):
+        config_files.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    found = ""
+    for path in config_files:  # later files win, as in pip
+        parser = configparser.ConfigParser()
+        with contextlib.suppress(OSError, configparser.Error):
+            parser.read(path)
+            value = parser.get("global", "index-url", fallback="").strip()
+            if value and not value.startswith("file:"):
+                found = value
+    return found
+
+
+def ca_bundle() -> Path | None:
+    for candidate in (os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+class Buildah:
+    """buildah with its storage under the cache directory, so the base and the build layers are reused."""
+
+    def __init__(self, cache: Path) -> None:
+        self.prefix = ["buildah", "--root", str(cache / "storage"), "--runroot", str(cache / "run")]
+
+    def __call__(self, *args: str, capture: bool = False, **kwargs: object) -> str:
+        result = run([*self.prefix, *args], stdout=subprocess.PIPE if capture else None, **kwargs)
+        return result.stdout.strip() if capture else ""
+
+    def has_image(self, name: str) -> bool:
+        cmd = [*self.prefix, "inspect", "--type", "image", name]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+    def image_size(self, name: str) -> int:
+        listed = json.loads(self("images", "--json", name, capture=True))
+        return int(listed[0]["size"])
+
+    @contextlib.contextmanager
+    def container(self, image: str) -> Iterator[str]:
+        name = self("from", "--pull-never", image, capture=True).splitlines()[-1]
+        try:
+            yield name
+        finally:
+            self("rm", name)
+
+
+def make_rootfs_tarball(tarball: Path, mirror: str) -> None:
+    """debootstrap the base into a scratch directory, trim it like Debian's slim images, pack it."""
+    rootfs = tarball.with_suffix(".rootfs")
+    shutil.rmtree(rootfs, ignore_errors=True)
+    try:
+        include = ",".join(BASE_PACKAGES)
+        run(["debootstrap", "--variant=minbase", f"--include={include}", SUITE, str(rootfs), mirror])
+        (rootfs / "etc/dpkg/dpkg.cfg.d/01-slim").write_text(_DPKG_EXCLUDES)
+        (rootfs / "etc/apt/apt.conf.d/01-slim").write_text(
+            'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n'
+            'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
+        )
+        for pattern in _TRIMMED:
+            for path in rootfs.glob(pattern):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        for doc in (rootfs / "usr/share/doc").iterdir():  # keep the licences, as Debian's slim images do
+            for item in doc.iterdir() if doc.is_dir() and not doc.is_symlink() else ():
+                if item.name != "copyright":
+                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        locale = rootfs / "usr/share/locale"
+        for item in locale.iterdir():
+            if item.name != "locale.alias":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        partial = tarball.with_suffix(".partial")
+        run(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(partial), "."])
+        partial.rename(tarball)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def ensure_base(buildah: Buildah, cache: Path, mirror: str, fresh: bool) -> None:
+    tarball = cache / f"debian-{SUITE}-python3.tar"
+    if fresh:
+        tarball.unlink(missing_ok=True)
+        if buildah.has_image(BASE_IMAGE):
+            buildah("rmi", BASE_IMAGE)
+    if buildah.has_image(BASE_IMAGE):
+        log(f"base {BASE_IMAGE} already in {cache / 'storage'} (--fresh-base remakes it)")
+        return
+    if not tarball.exists():
+        started = time.monotonic()
+        make_rootfs_tarball(tarball, mirror)
+        log(f"debootstrap from {mirror}: {time.monotonic() - started:.0f} s")
+    ctr = buildah("from", "scratch", capture=True).splitlines()[-1]
+    try:
+        buildah("add", ctr, str(tarball), "/")
+        buildah(
+            "config",
+            "--env",
+            "LANG=C.UTF-8",
+            "--env",
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--cmd",
+            "python3",
+            "--label",
+            f"org.opencontainers.image.description=Debian {SUITE} minbase with python3, made by debootstrap",
+            ctr,
+        )
+        buildah("commit", "--rm", "--format", "docker", ctr, BASE_IMAGE)
+    except BaseException:
+        subprocess.run([*buildah.prefix, "rm", ctr], capture_output=True)
+        raise
+
+
+def build(buildah: Buildah, cache: Path, tag: str, base: str, python_versions: str) -> float:
+    """``buildah bud`` the Containerfile; returns the seconds it took."""
+    revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    args = [
+        "bud",
+        "--isolation",
+        "chroot",
+        "--layers",
+        "--format",
+        "docker",  # OCI image configs have no HEALTHCHECK
+        "--pull-never" if base.startswith("localhost/") else "--pull=missing",
+        "-f",
+        str(REPO / "Containerfile"),
+        "-t",
+        tag,
+        "--build-arg",
+        f"BASE={base}",
+        "--build-arg",
+        f"REVISION={revision.stdout.strip()}",
+        "--build-arg",
+        f"CREATED={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+    ]
+    if python_versions:
+        args += ["--build-arg", f"PYTHON_VERSIONS={python_versions}"]
+    with tempfile.TemporaryDirectory(dir=cache, prefix="secrets.") as secrets:
+        if (bundle := ca_bundle()) is not None:
+            args += ["--secret", f"id=ca_bundle,src={bundle}"]
+        if index := package_index():
+            index_file = Path(secrets) / "index_url"
+            index_file.write_text(index)
+            index_file.chmod(0o600)
+            args += ["--secret", f"id=index_url,src={index_file}"]
+        log(f"package index: {index or 'PyPI'}; CA bundle: {bundle or 'the base image own'}")
+        started = time.monotonic()
+        buildah(*args, str(REPO))
+        return time.monotonic() - started
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def runtime_mounts() -> list[str]:
+    """What the experiment's environment build needs from this machine: its CA bundle (for HTTPS interception)."""
+    bundle = ca_bundle()
+    if bundle is None:
+        return []
+    return ["-v", f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro", "-e", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"]
+
+
+def index_env() -> list[str]:
+    return ["-e", f"UV_DEFAULT_INDEX={index}"] if (index := package_index()) else []
+
+
+def start_to_ready(buildah: Buildah, ctr: str) -> float:
+    """Seconds from ``buildah run`` of the image's runner to its ``/readyz`` answering 200."""
+    port = free_port()
+    cmd = [*buildah.prefix, "run", "--isolation", "chroot", ctr, "--"]
+    cmd += ["python", "-m", "runner", "--prom-address", f"127.0.0.1:{port}", "--cpu-only"]
+    started = time.monotonic()
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.monotonic() - started < READY_TIMEOUT:
+            if process.poll() is not None:
+                raise RuntimeError(f"the runner exited with {process.returncode} before it was ready")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            time.sleep(0.02)
+        raise RuntimeError(f"/readyz did not answer within {READY_TIMEOUT:.0f} s")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def try_image(buildah: Buildah, tag: str) -> list[float]:
+    """The checks run in the built image; returns the start-to-ready times measured."""
+    with buildah.container(tag) as ctr:
+        in_image = [*buildah.prefix, "run", "--isolation", "chroot"]
+        user = subprocess.run([*in_image, ctr, "--", "id", "-u"], capture_output=True, text=True, check=True)
+        if user.stdout.strip() == "0":
+            raise RuntimeError("the image runs as root")
+        run([*in_image, ctr, "--", "python", "-m", "runner", "--help"], stdout=subprocess.DEVNULL)
+        examples = ["-v", f"{REPO / 'examples'}:/examples:ro"]
+        run([*in_image, *examples, ctr, "--", "python", "-m", "runner", "submit", "--queue", "local_image",
+             "--workspace", "/examples/hello", "train.py", "--epochs", "2"])  # fmt: skip
+        started = time.monotonic()
+        run([*in_image, *runtime_mounts(), *index_env(), ctr, "--", "python", "-m", "runner", "--limit-tasks", "1",
+             "--prom-address", "off", "--cpu-only"], timeout=RUN_TIMEOUT)  # fmt: skip
+        log(f"experiment (environment build included): {time.monotonic() - started:.1f} s")
+        shown = run([*in_image, ctr, "--", "python", "-m", "runner", "show"], stdout=subprocess.PIPE)
+        print(shown.stdout, flush=True)
+        # The last line needs humanize, which the runner installed into the experiment's environment.
+        if "epoch 2/2 loss=" not in shown.stdout or "saved " not in shown.stdout:
+            raise RuntimeError("`show` printed no complete output of the experiment")
+        return [start_to_ready(buildah, ctr) for _ in range(3)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    default_cache = os.environ.get("IMAGE_CACHE") or str(Path.home() / ".cache" / "studio-runner-image")
+    parser.add_argument("--cache", type=Path, default=Path(default_cache), help="default: %(default)s ($IMAGE_CACHE)")
+    parser.add_argument("--tag", default=DEFAULT_TAG, help="default: %(default)s")
+    parser.add_argument("--base", help="build on this image instead of the debootstrap base (needs a registry)")
+    parser.add_argument("--mirror", default=os.environ.get("DEBIAN_MIRROR") or apt_mirror(), help="default: %(default)s")
+    parser.add_argument("--python-versions", default="", help='PYTHON_VERSIONS build argument, e.g. "3.11 3.12"')
+    parser.add_argument("--fresh-base", action="store_true", help="debootstrap the base again")
+    args = parser.parse_args(argv)
+
+    ensure_tools()
+    cache: Path = args.cache.resolve()
+    if cache.is_relative_to(REPO):
+        sys.exit(f"image: keep the cache ({cache}) outside the repository")
+    cache.mkdir(parents=True, exist_ok=True)
+    buildah = Buildah(cache)
+    if args.base is None:
+        ensure_base(buildah, cache, args.mirror, args.fresh_base)
+    seconds = build(buildah, cache, args.tag, args.base or BASE_IMAGE, args.python_versions)
+    size = buildah.image_size(args.tag)
+    ready = try_image(buildah, args.tag)
+    log(f"image {args.tag}: {size / 1e6:.0f} MB; built in {seconds:.0f} s")
+    log(f"start to /readyz: {statistics.median(ready):.2f} s (median of {', '.join(f'{r:.2f}' for r in ready)} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
