@@ -1,10 +1,13 @@
 """Build the runner's image with buildah on a Debian base made here, then try it: ``nox -s image``.
 
-No image registry is reachable from some build machines, so the base is made locally: ``debootstrap`` (bookworm,
-minbase, plus Debian's ``python3``, ``python3-venv`` and ``ca-certificates``) from the Debian mirror this machine's
-apt uses, trimmed like Debian's slim images, imported into buildah's storage. It stands in for the Containerfile's
-default base (``python:3.11-slim-bookworm``) and is made once: the rootfs tarball and buildah's storage live in the
-cache directory (``--cache``, ``$IMAGE_CACHE``, else ``~/.cache/studio-runner-image``), never in the repository.
+No image registry is reachable from some build machines, so the base is made locally: ``debootstrap`` (minbase,
+plus Debian's ``python3``, ``python3-venv`` and ``ca-certificates``) from the Debian mirror this machine's apt uses,
+trimmed like Debian's slim images, imported into buildah's storage. It stands in for the Containerfile's default base
+(``python:3.11-slim-bookworm``) and is made once: the rootfs tarball and buildah's storage live in the cache
+directory (``--cache``, ``$IMAGE_CACHE``, else ``~/.cache/studio-runner-image``), never in the repository.
+
+The suite is trixie, not bookworm: bookworm's ``python3`` is 3.11.2, and the runner cannot be installed on it
+(gcloud-aio-pubsub 8 requires Python >= 3.11.3). python:3.11-slim-bookworm has a later 3.11 built from source.
 
 Then ``buildah bud --isolation chroot`` builds the Containerfile. The host's CA bundle and package index reach the
 ``RUN`` steps as build secrets, so nothing of them lands in a layer. Finally, in the built image: ``python -m runner
@@ -33,15 +36,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SUITE = "bookworm"
+# Debian suite -> the version of its python3 package, which the image then says it supports (PYTHON_VERSIONS).
+SUITES = {"trixie": "3.13", "bookworm": "3.11"}
+DEFAULT_SUITE = "trixie"
 # What the base adds to debootstrap's minbase: the interpreter, `python3 -m venv` (the build bootstraps uv with it,
 # as it would on python:3.11-slim) and the CA certificates that pip and uv need for HTTPS.
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
-BASE_IMAGE = f"localhost/studio-runner-base:{SUITE}"
 DEFAULT_TAG = "localhost/studio-runner:dev"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 READY_TIMEOUT = 120.0
@@ -74,9 +78,15 @@ def log(message: str) -> None:
     print(f"image: {message}", flush=True)
 
 
-def run(cmd: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str],
+    *,
+    stdout: int | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
     log("$ " + " ".join(cmd))
-    return subprocess.run(cmd, check=True, text=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+    return subprocess.run(cmd, check=True, text=True, stdout=stdout, env=env, timeout=timeout)
 
 
 def ensure_tools() -> None:
@@ -99,7 +109,8 @@ def apt_mirror() -> str:
         if path.suffix not in ("", ".list", ".sources") or not path.is_file():
             continue
         text = path.read_text(errors="replace")
-        for uri in re.findall(r"^URIs:\s*(.+)$", text, re.MULTILINE):
+        uris: list[str] = re.findall(r"^URIs:\s*(.+)$", text, re.MULTILINE)
+        for uri in uris:
             for one in uri.split():
                 if one.rstrip("/").endswith("/debian"):
                     return one
@@ -128,7 +139,7 @@ def package_index() -> str:
         parser = configparser.ConfigParser()
         with contextlib.suppress(OSError, configparser.Error):
             parser.read(path)
-            value = parser.get("global", "index-url", fallback="").strip()
+            value = str(parser.get("global", "index-url", fallback="")).strip()
             if value and not value.startswith("file:"):
                 found = value
     return found
@@ -147,17 +158,30 @@ class Buildah:
     def __init__(self, cache: Path) -> None:
         self.prefix = ["buildah", "--root", str(cache / "storage"), "--runroot", str(cache / "run")]
 
-    def __call__(self, *args: str, capture: bool = False, **kwargs: object) -> str:
-        result = run([*self.prefix, *args], stdout=subprocess.PIPE if capture else None, **kwargs)
+    def __call__(self, *args: str, capture: bool = False) -> str:
+        result = run([*self.prefix, *args], stdout=subprocess.PIPE if capture else None)
         return result.stdout.strip() if capture else ""
 
     def has_image(self, name: str) -> bool:
         cmd = [*self.prefix, "inspect", "--type", "image", name]
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
-    def image_size(self, name: str) -> int:
-        listed = json.loads(self("images", "--json", name, capture=True))
-        return int(listed[0]["size"])
+    def image_size(self, name: str) -> str:
+        """What the image takes unpacked, as buildah prints it ("233 MB")."""
+        return str(json.loads(self("images", "--json", name, capture=True))[0]["size"])
+
+    def compressed_size(self, name: str, scratch: Path) -> int:
+        """Bytes a registry would store and a node would pull: the gzip-compressed layers and the config."""
+        layout = scratch / "oci-layout"
+        shutil.rmtree(layout, ignore_errors=True)
+        try:
+            self("push", "--quiet", "--compression-format", "gzip", name, f"oci:{layout}:measure")
+            index = json.loads((layout / "index.json").read_text())
+            digest = index["manifests"][0]["digest"].split(":", 1)[1]
+            manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+            return sum(int(part["size"]) for part in [manifest["config"], *manifest["layers"]])
+        finally:
+            shutil.rmtree(layout, ignore_errors=True)
 
     @contextlib.contextmanager
     def container(self, image: str) -> Iterator[str]:
@@ -168,13 +192,17 @@ class Buildah:
             self("rm", name)
 
 
-def make_rootfs_tarball(tarball: Path, mirror: str) -> None:
+def base_image(suite: str) -> str:
+    return f"localhost/studio-runner-base:{suite}"
+
+
+def make_rootfs_tarball(tarball: Path, suite: str, mirror: str) -> None:
     """debootstrap the base into a scratch directory, trim it like Debian's slim images, pack it."""
     rootfs = tarball.with_suffix(".rootfs")
     shutil.rmtree(rootfs, ignore_errors=True)
     try:
         include = ",".join(BASE_PACKAGES)
-        run(["debootstrap", "--variant=minbase", f"--include={include}", SUITE, str(rootfs), mirror])
+        run(["debootstrap", "--variant=minbase", f"--include={include}", suite, str(rootfs), mirror])
         (rootfs / "etc/dpkg/dpkg.cfg.d/01-slim").write_text(_DPKG_EXCLUDES)
         (rootfs / "etc/apt/apt.conf.d/01-slim").write_text(
             'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n'
@@ -201,18 +229,19 @@ def make_rootfs_tarball(tarball: Path, mirror: str) -> None:
         shutil.rmtree(rootfs, ignore_errors=True)
 
 
-def ensure_base(buildah: Buildah, cache: Path, mirror: str, fresh: bool) -> None:
-    tarball = cache / f"debian-{SUITE}-python3.tar"
+def ensure_base(buildah: Buildah, cache: Path, suite: str, mirror: str, fresh: bool) -> None:
+    tarball = cache / f"debian-{suite}-python3.tar"
+    image = base_image(suite)
     if fresh:
         tarball.unlink(missing_ok=True)
-        if buildah.has_image(BASE_IMAGE):
-            buildah("rmi", BASE_IMAGE)
-    if buildah.has_image(BASE_IMAGE):
-        log(f"base {BASE_IMAGE} already in {cache / 'storage'} (--fresh-base remakes it)")
+        if buildah.has_image(image):
+            buildah("rmi", image)
+    if buildah.has_image(image):
+        log(f"base {image} already in {cache / 'storage'} (--fresh-base remakes it)")
         return
     if not tarball.exists():
         started = time.monotonic()
-        make_rootfs_tarball(tarball, mirror)
+        make_rootfs_tarball(tarball, suite, mirror)
         log(f"debootstrap from {mirror}: {time.monotonic() - started:.0f} s")
     ctr = buildah("from", "scratch", capture=True).splitlines()[-1]
     try:
@@ -226,10 +255,10 @@ def ensure_base(buildah: Buildah, cache: Path, mirror: str, fresh: bool) -> None
             "--cmd",
             "python3",
             "--label",
-            f"org.opencontainers.image.description=Debian {SUITE} minbase with python3, made by debootstrap",
+            f"org.opencontainers.image.description=Debian {suite} minbase with python3, made by debootstrap",
             ctr,
         )
-        buildah("commit", "--rm", "--format", "docker", ctr, BASE_IMAGE)
+        buildah("commit", "--rm", "--format", "docker", ctr, image)
     except BaseException:
         subprocess.run([*buildah.prefix, "rm", ctr], capture_output=True)
         raise
@@ -284,7 +313,8 @@ def runtime_mounts() -> list[str]:
     bundle = ca_bundle()
     if bundle is None:
         return []
-    return ["-v", f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro", "-e", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"]
+    inside = "/etc/ssl/certs/ca-certificates.crt"
+    return ["-v", f"{bundle}:{inside}:ro", "-e", f"SSL_CERT_FILE={inside}"]
 
 
 def index_env() -> list[str]:
@@ -302,10 +332,10 @@ def start_to_ready(buildah: Buildah, ctr: str) -> float:
         while time.monotonic() - started < READY_TIMEOUT:
             if process.poll() is not None:
                 raise RuntimeError(f"the runner exited with {process.returncode} before it was ready")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return time.monotonic() - started
+            url = f"http://127.0.0.1:{port}/readyz"
+            with contextlib.suppress(OSError, urllib.error.URLError), urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return time.monotonic() - started
             time.sleep(0.02)
         raise RuntimeError(f"/readyz did not answer within {READY_TIMEOUT:.0f} s")
     finally:
@@ -346,8 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(default_cache), help="default: %(default)s ($IMAGE_CACHE)")
     parser.add_argument("--tag", default=DEFAULT_TAG, help="default: %(default)s")
     parser.add_argument("--base", help="build on this image instead of the debootstrap base (needs a registry)")
-    parser.add_argument("--mirror", default=os.environ.get("DEBIAN_MIRROR") or apt_mirror(), help="default: %(default)s")
-    parser.add_argument("--python-versions", default="", help='PYTHON_VERSIONS build argument, e.g. "3.11 3.12"')
+    mirror = os.environ.get("DEBIAN_MIRROR") or apt_mirror()
+    parser.add_argument("--mirror", default=mirror, help="Debian mirror for debootstrap; default: %(default)s")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=DEFAULT_SUITE, help="default: %(default)s")
+    parser.add_argument(
+        "--python-versions", help='PYTHON_VERSIONS build argument, e.g. "3.13 3.12"; default: the base\'s python3'
+    )
     parser.add_argument("--fresh-base", action="store_true", help="debootstrap the base again")
     args = parser.parse_args(argv)
 
@@ -358,11 +392,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     buildah = Buildah(cache)
     if args.base is None:
-        ensure_base(buildah, cache, args.mirror, args.fresh_base)
-    seconds = build(buildah, cache, args.tag, args.base or BASE_IMAGE, args.python_versions)
-    size = buildah.image_size(args.tag)
+        ensure_base(buildah, cache, args.suite, args.mirror, args.fresh_base)
+    python_versions = args.python_versions or ("" if args.base else SUITES[args.suite])
+    seconds = build(buildah, cache, args.tag, args.base or base_image(args.suite), python_versions)
+    size, compressed = buildah.image_size(args.tag), buildah.compressed_size(args.tag, cache)
     ready = try_image(buildah, args.tag)
-    log(f"image {args.tag}: {size / 1e6:.0f} MB; built in {seconds:.0f} s")
+    log(f"image {args.tag}: {size} unpacked, {compressed / 1e6:.0f} MB compressed; built in {seconds:.0f} s")
     log(f"start to /readyz: {statistics.median(ready):.2f} s (median of {', '.join(f'{r:.2f}' for r in ready)} s)")
     return 0
 
