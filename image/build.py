@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -321,53 +322,100 @@ def index_env() -> list[str]:
     return ["-e", f"UV_DEFAULT_INDEX={index}"] if (index := package_index()) else []
 
 
-def start_to_ready(buildah: Buildah, ctr: str) -> float:
-    """Seconds from ``buildah run`` of the image's runner to its ``/readyz`` answering 200."""
+def start_to_ready(buildah: Buildah, ctr: str, config: ImageConfig, *, probe: bool = False) -> float:
+    """Seconds from ``buildah run`` of the image's ENTRYPOINT to ``/readyz`` answering 200.
+
+    With ``probe``, the image's HEALTHCHECK command is then run beside it and must pass. The runner is stopped with
+    SIGTERM (through buildah, then dumb-init) and must exit 0.
+    """
     port = free_port()
-    cmd = [*buildah.prefix, "run", "--isolation", "chroot", ctr, "--"]
-    cmd += ["python", "-m", "runner", "--prom-address", f"127.0.0.1:{port}", "--cpu-only"]
+    address = f"127.0.0.1:{port}"
+    cmd = [*buildah.prefix, "run", "--isolation", "chroot", ctr, "--", *config.entrypoint]
+    cmd += ["--prom-address", address, "--cpu-only"]
     started = time.monotonic()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.monotonic() - started < READY_TIMEOUT:
+        url = f"http://{address}/readyz"
+        while (elapsed := time.monotonic() - started) < READY_TIMEOUT:
             if process.poll() is not None:
                 raise RuntimeError(f"the runner exited with {process.returncode} before it was ready")
-            url = f"http://127.0.0.1:{port}/readyz"
             with contextlib.suppress(OSError, urllib.error.URLError), urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
-                    return time.monotonic() - started
+                    break
             time.sleep(0.02)
-        raise RuntimeError(f"/readyz did not answer within {READY_TIMEOUT:.0f} s")
+        else:
+            raise RuntimeError(f"/readyz did not answer within {READY_TIMEOUT:.0f} s")
+        if probe:
+            in_image = [*buildah.prefix, "run", "--isolation", "chroot", "-e", f"PROM_ADDRESS={address}", ctr, "--"]
+            run([*in_image, *config.healthcheck])
+            log("HEALTHCHECK passed")
+        # As a container runtime would: SIGTERM to the container's first process (buildah run itself does not
+        # forward signals; it kills). dumb-init passes it to the runner, which drains and exits 0.
+        os.kill(descendant(process.pid, Path(config.entrypoint[0]).name), signal.SIGTERM)
+        if (code := process.wait(timeout=120)) != 0:
+            raise RuntimeError(f"the runner exited with {code} on SIGTERM")
+        return elapsed
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        if process.poll() is None:
             process.kill()
             process.wait()
 
 
+def descendant(pid: int, name: str) -> int:
+    """The first process called ``name`` below ``pid`` (chroot isolation shares this machine's process table)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            text = stat.read_text()
+            comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+            child = int(stat.parent.name)
+            names[child] = comm
+            children.setdefault(int(rest[1]), []).append(child)
+    queue = [pid]
+    while queue:
+        current = queue.pop(0)
+        if current != pid and names.get(current) == name[:15]:
+            return current
+        queue += children.get(current, [])
+    raise RuntimeError(f"no {name} process below {pid}")
+
+
+class ImageConfig:
+    """What the checks take from the built image's configuration rather than repeat."""
+
+    def __init__(self, buildah: Buildah, tag: str) -> None:
+        config = json.loads(buildah("inspect", "--type", "image", tag, capture=True))["Docker"]["config"]
+        self.entrypoint: list[str] = config["Entrypoint"]
+        test: list[str] = config["Healthcheck"]["Test"]
+        if test[0] != "CMD":
+            raise RuntimeError(f"HEALTHCHECK is not in exec form: {test}")
+        self.healthcheck = test[1:]
+        self.user: str = config["User"]
+
+
 def try_image(buildah: Buildah, tag: str) -> list[float]:
     """The checks run in the built image; returns the start-to-ready times measured."""
+    config = ImageConfig(buildah, tag)
+    if config.user.split(":")[0] in ("", "0", "root"):
+        raise RuntimeError(f"the image runs as root (USER {config.user!r})")
     with buildah.container(tag) as ctr:
         in_image = [*buildah.prefix, "run", "--isolation", "chroot"]
-        user = subprocess.run([*in_image, ctr, "--", "id", "-u"], capture_output=True, text=True, check=True)
-        if user.stdout.strip() == "0":
-            raise RuntimeError("the image runs as root")
-        run([*in_image, ctr, "--", "python", "-m", "runner", "--help"], stdout=subprocess.DEVNULL)
+        runner = [*config.entrypoint]
+        run([*in_image, ctr, "--", *runner, "--help"], stdout=subprocess.DEVNULL)
         examples = ["-v", f"{REPO / 'examples'}:/examples:ro"]
-        run([*in_image, *examples, ctr, "--", "python", "-m", "runner", "submit", "--queue", "local_image",
+        run([*in_image, *examples, ctr, "--", *runner, "submit", "--queue", "local_image",
              "--workspace", "/examples/hello", "train.py", "--epochs", "2"])  # fmt: skip
         started = time.monotonic()
-        run([*in_image, *runtime_mounts(), *index_env(), ctr, "--", "python", "-m", "runner", "--limit-tasks", "1",
+        run([*in_image, *runtime_mounts(), *index_env(), ctr, "--", *runner, "--limit-tasks", "1",
              "--prom-address", "off", "--cpu-only"], timeout=RUN_TIMEOUT)  # fmt: skip
         log(f"experiment (environment build included): {time.monotonic() - started:.1f} s")
-        shown = run([*in_image, ctr, "--", "python", "-m", "runner", "show"], stdout=subprocess.PIPE)
+        shown = run([*in_image, ctr, "--", *runner, "show"], stdout=subprocess.PIPE)
         print(shown.stdout, flush=True)
         # The last line needs humanize, which the runner installed into the experiment's environment.
-        if "epoch 2/2 loss=" not in shown.stdout or "saved " not in shown.stdout:
-            raise RuntimeError("`show` printed no complete output of the experiment")
-        return [start_to_ready(buildah, ctr) for _ in range(3)]
+        if "epoch 2/2 loss=" not in shown.stdout or "saved " not in shown.stdout or '"succeeded"' not in shown.stdout:
+            raise RuntimeError("`show` printed no complete output of a successful experiment")
+        return [start_to_ready(buildah, ctr, config, probe=attempt == 0) for attempt in range(3)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
