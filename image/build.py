@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -282,6 +283,8 @@ def build(buildah: Buildah, cache: Path, tag: str, base: str, python_versions: s
         tag,
         "--build-arg",
         f"BASE={base}",
+        "--build-arg",
+        f"VERSION={tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']}",
         "--build-arg",
         f"REVISION={revision.stdout.strip()}",
         "--build-arg",
