@@ -165,8 +165,19 @@ class Buildah:
         return result.stdout.strip() if capture else ""
 
     def has_image(self, name: str) -> bool:
-        cmd = [*self.prefix, "inspect", "--type", "image", name]
-        return subprocess.run(cmd, capture_output=True).returncode == 0
+        return self.image_id(name) is not None
+
+    def image_id(self, name: str) -> str | None:
+        cmd = [*self.prefix, "inspect", "--type", "image", "--format", "{{.FromImageID}}", name]
+        found = subprocess.run(cmd, capture_output=True, text=True)
+        return found.stdout.strip() if found.returncode == 0 else None
+
+    def remove_untagged(self, image_id: str) -> None:
+        """Drop an image the tag has moved away from: its last layers (the runner's virtualenv) are its own."""
+        cmd = [*self.prefix, "images", "--json", "--filter", "dangling=true"]
+        listed = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout or "[]")
+        if any(image_id.startswith(entry["id"]) for entry in listed):
+            self("rmi", image_id)
 
     def image_size(self, name: str) -> str:
         """What the image takes unpacked, as buildah prints it ("233 MB")."""
@@ -445,7 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.base is None:
         ensure_base(buildah, cache, args.suite, args.mirror, args.fresh_base)
     python_versions = args.python_versions or ("" if args.base else SUITES[args.suite])
+    previous = buildah.image_id(args.tag)
     seconds = build(buildah, cache, args.tag, args.base or base_image(args.suite), python_versions)
+    if previous is not None and previous != buildah.image_id(args.tag):
+        buildah.remove_untagged(previous)
     size, compressed = buildah.image_size(args.tag), buildah.compressed_size(args.tag, cache)
     ready = try_image(buildah, args.tag)
     log(f"image {args.tag}: {size} unpacked, {compressed / 1e6:.0f} MB compressed; built in {seconds:.0f} s")
