@@ -37,6 +37,7 @@ import tempfile
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -87,7 +88,7 @@ def run(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    log("$ " + " ".join(cmd))
+    log("$ " + re.sub(r"://[^/@\s]+@", "://***@", " ".join(cmd)))  # an index URL may carry a password
     return subprocess.run(cmd, check=True, text=True, stdout=stdout, env=env, timeout=timeout)
 
 
@@ -287,7 +288,6 @@ def build(buildah: Buildah, cache: Path, tag: str, base: str, python_versions: s
         "--layers",
         "--format",
         "docker",  # OCI image configs have no HEALTHCHECK
-        "--pull-never" if base.startswith("localhost/") else "--pull=missing",
         "-f",
         str(REPO / "Containerfile"),
         "-t",
@@ -301,6 +301,8 @@ def build(buildah: Buildah, cache: Path, tag: str, base: str, python_versions: s
         "--build-arg",
         f"CREATED={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
     ]
+    if base.startswith("localhost/"):
+        args.append("--pull-never")  # made here; no registry has it
     if python_versions:
         args += ["--build-arg", f"PYTHON_VERSIONS={python_versions}"]
     with tempfile.TemporaryDirectory(dir=cache, prefix="secrets.") as secrets:
@@ -311,7 +313,8 @@ def build(buildah: Buildah, cache: Path, tag: str, base: str, python_versions: s
             index_file.write_text(index)
             index_file.chmod(0o600)
             args += ["--secret", f"id=index_url,src={index_file}"]
-        log(f"package index: {index or 'PyPI'}; CA bundle: {bundle or 'the base image own'}")
+        shown_index = urllib.parse.urlsplit(index).hostname if index else "PyPI"  # no credentials in the log
+        log(f"package index: {shown_index}; CA bundle: {bundle or 'the base image’s own'}")
         started = time.monotonic()
         buildah(*args, str(REPO))
         return time.monotonic() - started
