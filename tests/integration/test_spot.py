@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import pytest
+
+from runner.config import ConfigError, load_settings
+from runner.drain import DrainRequest
+from runner.service import Runner
 from tests.integration.conftest import RunnerProcess, Sandbox, read_member, wait_until
 from tests.metadata_standins import AwsImds, GceMetadata
 
@@ -117,3 +123,39 @@ def test_spot_budget_caps_the_time_the_provider_gives(sandbox: Sandbox) -> None:
         notice_at = time.monotonic()
         gce.announce()
         assert_drained_and_requeued(sandbox, runner, notice_at, 12)
+
+
+async def test_a_notice_during_a_sigterm_drain_stops_waiting_for_the_drain_timeout(sandbox: Sandbox) -> None:
+    ws = sandbox.workspace("train", {"train.py": CHECKPOINTS_ON_SIGTERM})
+    key = sandbox.submit(ws, "train.py")
+    env = sandbox.env()
+    runner = Runner(load_settings(["--prom-address", "off", "--drain-timeout", "10m"], env), environ=env)
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(runner.serve(shutdown_trigger=stop.wait))
+    try:
+        for _ in range(6000):
+            if "training" in live_output(sandbox):
+                break
+            await asyncio.sleep(0.02)
+        stop.set()  # SIGTERM: the drain waits up to 10 minutes for the experiment to finish
+        await asyncio.sleep(0.5)
+        assert not serving.done() and runner.status()["running"], "still waiting on --drain-timeout"
+        runner.request_drain(DrainRequest.within("the test's spot instance is being taken back", 30))
+        await asyncio.wait_for(asyncio.shield(serving), 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 60)
+    results = sandbox.results(key)
+    assert results is not None and results["outcome"] == "interrupted"
+    assert "the test's spot instance is being taken back" in results["exit_msg"]
+    assert [f for f in sandbox.queue_files() if f.endswith(".attempt-2")]
+
+
+def test_spot_notice_options_are_checked_like_every_other() -> None:
+    assert load_settings([], {}).spot_notice == ""
+    settings = load_settings(["--spot-notice", "GCP", "--metadata-endpoint", "http://127.0.0.1:1/"], {})
+    assert (settings.spot_notice, settings.metadata_endpoint) == ("gcp", "http://127.0.0.1:1")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(["--spot-notice", "azure", "--metadata-endpoint", "metadata"], {})
+    assert any("--spot-notice" in p and "'azure'" in p for p in refused.value.problems)
+    assert any("--metadata-endpoint" in p for p in refused.value.problems)
