@@ -32,6 +32,7 @@ APP_NAME = "studio-runner"
 _TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
 _LOG_FORMATS = ("auto", "text", "json")
+_SPOT_PROVIDERS = ("aws", "gcp")
 
 
 class ConfigError(Exception):
@@ -99,6 +100,9 @@ class Settings:
     encrypt_dir: Path | None  # the runner's message key, in studio-go-runner's layout; None = no encrypted requests
     request_signatures_dir: Path | None  # one ssh-ed25519 public key per queue-name prefix
     clear_text_messages: bool  # whether unencrypted requests are accepted
+    spot_notice: str  # "" = off, "aws" or "gcp": whose metadata service announces the machine's reclaim
+    spot_budget: float  # seconds; caps the provider's notice time; 0 = the provider's
+    metadata_endpoint: str  # base URL of the metadata service; "" = the provider's own
 
     def queue_matcher(self) -> QueueMatcher:
         return QueueMatcher.from_strings(self.queue_match, self.queue_mismatch)
@@ -225,6 +229,22 @@ def _regex(text: str, environ: Mapping[str, str]) -> str:
 
 def _optional_regex(text: str, environ: Mapping[str, str]) -> str:
     return _regex(text, environ) if text.strip() else ""
+
+
+def _spot_provider(text: str, environ: Mapping[str, str]) -> str:
+    word = text.strip().lower()
+    if word in ("", "off"):
+        return ""
+    if word not in _SPOT_PROVIDERS:
+        raise _Invalid("is not a spot notice provider")
+    return word
+
+
+def _http_url(text: str, environ: Mapping[str, str]) -> str:
+    url = text.strip().rstrip("/")
+    if url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise _Invalid("is not an http(s) URL")
+    return url
 
 
 def _log_format(text: str, environ: Mapping[str, str]) -> str:
@@ -771,6 +791,39 @@ _OPTIONS: tuple[_Option, ...] = (
         "a whole number, 1 or more",
         "deliveries that may end in an infrastructure error before the message is dead-lettered",
         metavar="N",
+    ),
+    _Option(
+        "spot-notice",
+        _LIFECYCLE,
+        _spot_provider,
+        "off",
+        "one of off, aws, gcp",
+        "watch this cloud's metadata service for the notice that a spot or preemptible machine is taken back "
+        "(AWS: IMDSv2 spot/instance-action; GCE: instance/preempted); a notice drains within the time the provider "
+        "gives (AWS: until the notice's time, about 2m; GCE: 30s): experiments are interrupted at once, upload what "
+        "fits and are requeued, and the runner exits 0 (docs/kubernetes.md)",
+        metavar="PROVIDER",
+    ),
+    _Option(
+        "spot-budget",
+        _LIFECYCLE,
+        _duration,
+        "0",
+        DURATION_FORM,
+        "at most this long for a drain started by a spot notice, when less than the provider gives is left (GKE's "
+        "graceful node shutdown kills pods after 15s of the 30s); 0 = the provider's time",
+        metavar="DURATION",
+    ),
+    _Option(
+        "metadata-endpoint",
+        _LIFECYCLE,
+        _http_url,
+        "",
+        "an http(s) URL, or empty",
+        "base URL of the metadata service --spot-notice watches; empty = the provider's own "
+        "(http://169.254.169.254, http://metadata.google.internal)",
+        metavar="URL",
+        blank_is_value=True,
     ),
     _Option(
         "limit-tasks",

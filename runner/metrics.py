@@ -114,6 +114,12 @@ class Metrics:
         )
         self.queues_watched = Gauge("runner_queues_watched", "Queues being consumed", ["broker"], registry=r)
         self.draining = Gauge("runner_draining", "1 while the runner drains before exit", registry=r)
+        self.spot_notices = Counter(
+            "runner_spot_notices_total",
+            "Spot or preemption notices seen (each starts a drain)",
+            ["provider"],
+            registry=r,
+        )
         self.loop_lag = Gauge("runner_event_loop_lag_seconds", "Last measured event loop lag", registry=r)
 
     # --- per-queue series ----------------------------------------------------------------------------------------

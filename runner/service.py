@@ -10,13 +10,14 @@ Structure (one event loop, every task owned by a TaskGroup):
 
 Shutdown (SIGTERM/SIGINT or an injected ``shutdown_trigger``): intake stops at once; running experiments get
 ``--drain-timeout`` to finish; the rest are interrupted (SIGTERM to their process group, final checkpoint upload)
-and their messages requeued. A second signal skips the wait.
+and their messages requeued. A second signal skips the wait. A drain with a budget (``request_drain``: a spot
+notice) interrupts at once and cancels what is still running when the budget is nearly spent, so every message is
+requeued before the machine goes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -28,8 +29,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from runner import backends
+from runner import backends, spot
 from runner.config import Settings
+from runner.drain import DrainRequest
 from runner.execution.containment import Containment
 from runner.execution.pythonenv import EnvCache
 from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, Tools
@@ -88,6 +90,7 @@ class Running:
     experiment: Experiment
     queue: QueueRef
     started: float = field(default_factory=time.time)
+    task: asyncio.Task[Any] | None = None  # cancelled when a drain's budget is spent
 
 
 class Runner:
@@ -111,6 +114,9 @@ class Runner:
         self._completed: OrderedDict[str, float] = OrderedDict()
         self._interrupt = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._drain_request: DrainRequest | None = None
+        self._drain_requested = asyncio.Event()
+        self._budget_arrived = asyncio.Event()
         self._ready = False
         self._last_beat = time.monotonic()
         self._last_activity = time.monotonic()
@@ -198,6 +204,7 @@ class Runner:
                     intake = services.create_task(self._run_intake(brokers))
                     watchdog = services.create_task(self._watchdog())
                     gpu_faults = services.create_task(gpu.watch_faults(gpus.devices, self.allocator.set_gpu_faults))
+                    spot_watch = services.create_task(self._watch_spot_notices())
                     await self._until_stop(trigger)
                     self._ready = True  # stays ready while draining: scrapes keep working
                     self.intake.close()
@@ -205,6 +212,7 @@ class Runner:
                     await self._drain()
                     watchdog.cancel()
                     gpu_faults.cancel()
+                    spot_watch.cancel()
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
 
     def _without_gpus(self, gpus: gpu.GpuInventory) -> gpu.GpuInventory:
@@ -251,7 +259,11 @@ class Runner:
 
     async def _until_stop(self, trigger: ShutdownTrigger) -> None:
         async with asyncio.TaskGroup() as tg:
-            waiters = [tg.create_task(_awaited(trigger)), tg.create_task(self._job_mode_done())]
+            waiters = [
+                tg.create_task(_awaited(trigger)),
+                tg.create_task(self._job_mode_done()),
+                tg.create_task(self._drain_requested.wait()),
+            ]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for task in waiters:
                 task.cancel()
@@ -275,21 +287,78 @@ class Runner:
                 log.info("idle limit reached: stopping", extra={"idle_seconds": round(idle, 1)})
                 return
 
+    def request_drain(self, request: DrainRequest) -> None:
+        """Stop taking work and drain (a spot notice, a cluster's ConfigMap); the earliest budget wins. Safe to call
+        before, during or after another drain; a drain already waiting on --drain-timeout takes the budget."""
+        if self._drain_request is None or request.sooner_than(self._drain_request):
+            self._drain_request = request
+        if request.deadline is not None:
+            self._budget_arrived.set()
+        self._drain_requested.set()
+
+    async def _watch_spot_notices(self) -> None:
+        s = self.settings
+        if not s.spot_notice:
+            return
+
+        def on_notice(notice: spot.SpotNotice) -> None:
+            budget = min(notice.budget, s.spot_budget) if s.spot_budget else notice.budget
+            self.metrics.spot_notices.labels(notice.provider).inc()
+            self.request_drain(DrainRequest.within(f"the {notice.provider} spot instance is being taken back", budget))
+
+        await spot.watch(s.spot_notice, on_notice, endpoint=s.metadata_endpoint)
+
     async def _drain(self) -> None:
         self.metrics.draining.set(1)
-        tasks = {r.experiment.key for r in self._running.values()}
-        if tasks:
+        if self._running and not self._budgeted():
             log.info(
                 "draining: waiting for running experiments",
-                extra={"running": len(tasks), "drain_timeout": self.settings.drain_timeout},
+                extra={"running": len(self._running), "drain_timeout": self.settings.drain_timeout},
             )
-            deadline = time.monotonic() + self.settings.drain_timeout
-            while self._running and time.monotonic() < deadline and not self._interrupt.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._interrupt.wait(), 0.05)
-            if self._running:
-                log.info("drain timeout: interrupting experiments", extra={"running": len(self._running)})
-                self._interrupt.set()
+            await self._await_experiments(self.settings.drain_timeout, self._interrupt, self._budget_arrived)
+        if self._running:
+            log.info("drain: interrupting experiments", extra={"running": len(self._running)})
+            self._interrupt.set()
+        if self._running and not self._budgeted():
+            # Interrupted experiments upload and settle unhurried, unless a budget arrives meanwhile (a spot notice
+            # after the SIGTERM).
+            await self._await_experiments(None, self._budget_arrived)
+        if self._running and self._drain_request is not None and self._budgeted():
+            await self._cut_off(self._drain_request)
+
+    def _budgeted(self) -> bool:
+        return self._drain_request is not None and self._drain_request.deadline is not None
+
+    async def _await_experiments(self, timeout: float | None, *events: asyncio.Event) -> None:
+        """Return when every running experiment is over, ``timeout`` seconds have passed or one of ``events`` is set."""
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if not tasks:
+            return
+        watched = [asyncio.ensure_future(asyncio.wait(tasks)), *(asyncio.ensure_future(e.wait()) for e in events)]
+        try:
+            await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in watched:
+                waiter.cancel()
+
+    async def _cut_off(self, request: DrainRequest) -> None:
+        """Cancel what still runs once the budget, less the time settling takes, is spent: the process group gets
+        SIGKILL, unfinished uploads are dropped, and the message is requeued while the machine is still there."""
+        assert request.deadline is not None
+        log.info(
+            "draining within a budget: experiments interrupted, uploading what fits",
+            extra={"reason": request.reason, "seconds_left": round(request.deadline - time.monotonic(), 1)},
+        )
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, request.cutoff - time.monotonic()))
+            if pending:
+                log.warning(
+                    "drain budget spent: cancelling experiments and requeuing their messages",
+                    extra={"running": len(pending), "reason": request.reason},
+                )
+                for task in pending:
+                    task.cancel()
 
     # ----------------------------------------------------------------- intake
 
@@ -429,9 +498,9 @@ class Runner:
             tools=self._tools,
             interrupt=interrupt,
             received_at=decision.received_at,
-            interrupt_reason=lambda: _interrupt_reason(lease_ending),
+            interrupt_reason=lambda: _interrupt_reason(lease_ending, self._drain_request),
         )
-        self._running[key] = Running(experiment, delivery.queue)
+        self._running[key] = Running(experiment, delivery.queue, task=asyncio.current_task())
         self.metrics.experiment_started(delivery.queue.name)
         started = time.monotonic()
         result: ExperimentResult | None = None
@@ -568,13 +637,13 @@ async def _awaited(trigger: ShutdownTrigger) -> None:
     await trigger()
 
 
-def _interrupt_reason(lease_ending: asyncio.Event | None) -> str:
+def _interrupt_reason(lease_ending: asyncio.Event | None, drain: DrainRequest | None = None) -> str:
     if lease_ending is not None and lease_ending.is_set():
         return (
             "its message neared the 12-hour SQS lease limit; it is sent again as a new message and resumes from "
             "its checkpoint"
         )
-    return "the runner is shutting down"
+    return drain.reason if drain is not None else "the runner is shutting down"
 
 
 async def _set_when_any(target: asyncio.Event, *sources: asyncio.Event | None) -> None:
