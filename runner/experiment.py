@@ -31,7 +31,7 @@ from runner.request import Artifact, AwsCredentials, Request
 from runner.resources.allocator import Allocation
 from runner.storage.archive import ArchiveError
 from runner.storage.artifacts import ArtifactIO
-from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, TransientStorageError
+from runner.storage.base import AccessDenied, ObjectNotFound, StorageError
 from runner.storage.status_records import StatusRecords
 from runner.units import format_duration
 
@@ -119,6 +119,9 @@ class Experiment:
         self.secret_filter = SecretFilter.for_runner(tools.runner_env, extra=self._request_secrets())
         self.record = tools.status_records.for_request(request)
         self._upload_locks: dict[str, asyncio.Lock] = {}
+        # Labels whose directory holds what the store holds (or the store has nothing): only these are uploaded,
+        # so a download that failed can never be followed by an upload that replaces the stored copy.
+        self._staged: set[str] = set()
         # Holds the lease on the cached Python environment until the experiment is over (so it is never evicted).
         self._env_lease = contextlib.AsyncExitStack()
 
@@ -207,27 +210,33 @@ class Experiment:
         return min(limits)
 
     async def _stage(self) -> None:
+        """Download every input; only an object the store says does not exist is skipped (a mutable artifact on
+        its first run). Any other failure ends the run before it starts: ``failed`` when trying again cannot help
+        (access denied, a damaged archive, a missing input), ``infrastructure`` otherwise (the message is requeued),
+        and a mutable artifact that was not staged is never uploaded, so its stored checkpoint is kept as it is."""
         for label, artifact in sorted(self.artifacts.items()):
             target = self.label_dir(label)
             await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
             if label in NOT_UPLOADED or not (artifact.qualified or artifact.url):
+                self._staged.add(label)
                 continue
             try:
                 size = await self.tools.artifacts.fetch(artifact, target)
-            except (ObjectNotFound, AccessDenied, ArchiveError) as err:
-                if artifact.mutable:
-                    # Normal on a first run: mutable artifacts do not exist until this runner uploads them.
-                    self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
-                    continue
+            except ObjectNotFound as err:
+                if not artifact.mutable:
+                    await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
+                # A first run: a mutable artifact does not exist until this experiment uploads it.
+                self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
+            except (AccessDenied, ArchiveError) as err:
                 await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
-            except (TransientStorageError, StorageError, OSError) as err:
-                if artifact.mutable:
-                    self._log("mutable artifact not downloaded", level=logging.WARNING, label=label, reason=str(err))
-                    continue
+            except (StorageError, OSError) as err:
+                # Transient or unclassified: the object may well exist (a checkpoint to resume from), so nothing
+                # may start without it; another attempt will find it.
                 await self._abort(Outcome.INFRASTRUCTURE, f"failed when downloading user data: {err}")
             else:
                 self.tools.metrics.transfer_bytes.labels("down", _scheme(artifact)).inc(size)
                 self._log("artifact staged", label=label, bytes=size)
+            self._staged.add(label)
         await asyncio.to_thread(self.output_file.parent.mkdir, parents=True, exist_ok=True)
 
     async def _environment(self) -> PythonEnv:
@@ -345,10 +354,10 @@ class Experiment:
         if result.outcome is not Outcome.SUCCEEDED and result.message != "ok":
             await self._note(f"[runner] {result.outcome}: {result.message}")
         phase = time.monotonic()
-        labels = sorted(
-            (label for label, a in self.artifacts.items() if a.mutable and label not in NOT_UPLOADED),
-            key=lambda label: (label == OUTPUT, label),
-        )
+        mutable = [label for label, a in self.artifacts.items() if a.mutable and label not in NOT_UPLOADED]
+        if unstaged := sorted(set(mutable) - self._staged):
+            self._log("not uploaded: never staged, the stored copy is kept", labels=unstaged)
+        labels = sorted(self._staged.intersection(mutable), key=lambda label: (label == OUTPUT, label))
         failures: list[str] = []
         for label in labels:
             try:
