@@ -250,6 +250,42 @@ def test_the_messages_of_a_killed_runner_are_run_again_by_another_runner(sandbox
     assert rabbit.held() == [] and rabbit.ready(QUEUE) == 0
 
 
+@pytest.mark.timeout(300)  # a dozen runner processes started one after another on a loaded machine
+def test_a_crash_loop_of_short_lived_runners_still_returns_a_dead_runners_messages_after_the_grace(
+    sandbox: Sandbox, rabbit: Rabbit
+) -> None:
+    submit(sandbox, rabbit, WAITER, str(sandbox.root))
+    first = sandbox.start(**rabbit.runner_env())
+    wait_until(lambda: runs(sandbox), 60, "the first run to start")
+    assert len(rabbit.held()) == 1
+    first.proc.kill()
+    first.proc.wait(10)
+    os.kill(runs(sandbox)[0], signal.SIGKILL)  # its experiment outlives a SIGKILLed runner; end it by its pid
+
+    # Runners that each live for less than the grace (crashing, say), serving no queue: they only sweep. The time
+    # the dead runner's alive queue went missing is recorded on the broker, so the grace runs across all of them.
+    grace, lifetimes = 6.0, []
+    env = rabbit.runner_env(AMQP_ORPHAN_GRACE=f"{grace:g}s", QUEUE_MATCH="^rmq_serves_nothing$")
+    started = time.monotonic()
+    while rabbit.held() and time.monotonic() - started < 90:
+        born = time.monotonic()
+        runner = sandbox.start(**env)
+        while time.monotonic() - born < grace / 2 and rabbit.held():
+            time.sleep(0.1)
+        runner.proc.kill()
+        runner.proc.wait(10)
+        lifetimes.append(time.monotonic() - born)
+    assert rabbit.held() == [], f"still held after {len(lifetimes)} runners"
+    assert max(lifetimes) < grace  # no runner lived long enough to time the grace on its own
+    wait_until(lambda: rabbit.ready(QUEUE) == 1, 30, "the message back in its queue")
+    [(_, headers)] = rabbit.peek(QUEUE)
+    assert headers["x-studio-runner-deliveries"] == 1  # the interrupted delivery counts
+    # A runner that lives on removes the record of the dead runner, which holds nothing any more.
+    survivor = sandbox.start(**env)
+    wait_until(lambda: not [q for q in rabbit.queues() if ".missing." in q], 60, "the missing-runner record to go")
+    survivor.stop()
+
+
 def test_deleting_a_queue_lets_its_running_experiment_finish(sandbox: Sandbox, rabbit: Rabbit) -> None:
     key = submit(sandbox, rabbit, WAITER, str(sandbox.root))
     runner = sandbox.start(**rabbit.runner_env())
