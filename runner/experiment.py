@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from runner.execution.diskreserve import release, reserve
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
 from runner.logs import event_fields
@@ -43,6 +44,7 @@ RESULTS = "_results"
 OUTPUT = "output"
 NOT_UPLOADED = frozenset({STATUS, RESULTS})
 _TAIL_LINES = 20
+_TAIL_LINE_CHARS = 4096  # so that _results.json fits in the disk reserve whatever the experiment printed
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Experiment:
         # Labels whose directory holds what the store holds (or the store has nothing): only these are uploaded,
         # so a download that failed can never be followed by an upload that replaces the stored copy.
         self._staged: set[str] = set()
+        self._reserve: Path | None = None  # disk set aside for the final uploads (runner/execution/diskreserve.py)
         # Holds the lease on the cached Python environment until the experiment is over (so it is never evicted).
         self._env_lease = contextlib.AsyncExitStack()
 
@@ -130,6 +133,7 @@ class Experiment:
     async def run(self) -> ExperimentResult:
         try:
             self.dir = await asyncio.to_thread(self._make_dir)
+            self._reserve = await asyncio.to_thread(reserve, self.dir)
             try:
                 result = await self._run_in_dir()
             except _Abort as abort:
@@ -351,6 +355,9 @@ class Experiment:
 
     async def _finish(self, result: ExperimentResult) -> None:
         """Final uploads (output last among mutable ones), then `_results`; upload failures can change the outcome."""
+        # The experiment may have filled the disk: what was set aside at the start is for what follows.
+        await asyncio.to_thread(release, self._reserve)
+        self._reserve = None
         if result.outcome is not Outcome.SUCCEEDED and result.message != "ok":
             await self._note(f"[runner] {result.outcome}: {result.message}")
         phase = time.monotonic()
@@ -390,9 +397,15 @@ class Experiment:
             },
         }
         if result.tail:
-            document["tail"] = result.tail[-_TAIL_LINES:]
+            document["tail"] = [line[:_TAIL_LINE_CHARS] for line in result.tail[-_TAIL_LINES:]]
         target = self.label_dir(RESULTS) / "_results.json"
-        await asyncio.to_thread(_write_json, target, document)
+        try:
+            await asyncio.to_thread(_write_json, target, document)
+        except OSError as err:
+            # The outcome stays what the experiment earned; the reason says what else went wrong.
+            result.message = f"{result.message}; the results file could not be written: {err}"
+            self._log("could not write _results", level=logging.WARNING, reason=str(err))
+            return
         if RESULTS in self.artifacts:
             try:
                 await self._upload(RESULTS, checkpoint=False)
@@ -418,8 +431,12 @@ class Experiment:
         raise _Abort(ExperimentResult(outcome, message))
 
     async def _note(self, line: str) -> None:
-        """Append a runner message to the experiment's own output, where its owner will look."""
-        await asyncio.to_thread(_append_line, self.output_file, self.secret_filter.redact(line))
+        """Append a runner message to the experiment's own output, where its owner will look (if the disk allows:
+        the message is also in the log and in ``_results``)."""
+        try:
+            await asyncio.to_thread(_append_line, self.output_file, self.secret_filter.redact(line))
+        except OSError as err:
+            self._log("could not add a note to the output", level=logging.WARNING, reason=str(err))
 
     def _make_dir(self) -> Path:
         root = self.tools.settings.working_dir / "experiments"
