@@ -568,8 +568,8 @@ _OPTIONS: tuple[_Option, ...] = (
         _ack_deadline,
         "60s",
         f"{DURATION_FORM}, 10s to 10m",
-        "how long a pulled Pub/Sub message is held for this runner; extended every third of it while the "
-        "experiment runs, and a message of a runner that died is delivered again after it",
+        "how long a pulled Pub/Sub message is held for this runner; extended on receipt, then every third of it "
+        "while the experiment runs, and a message of a runner that died is delivered again after it",
         metavar="DURATION",
     ),
     _Option(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from runner.execution.containment import MARKER, Containment, Ownership
+from runner.execution.diskreserve import release, reserve
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
 from runner.execution.spawn_check import spawn_problem
@@ -34,8 +35,8 @@ from runner.request import Artifact, AwsCredentials, Request
 from runner.resources.allocator import Allocation
 from runner.storage.archive import ArchiveError
 from runner.storage.artifacts import ArtifactIO
-from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, TransientStorageError, UnusableObject
-from runner.storage.budget import DiskBudget, OverBudget
+from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, UnusableObject
+from runner.storage.budget import DiskBudget
 from runner.storage.status_records import StatusRecords
 from runner.truncate import shorten
 from runner.units import format_duration, format_size
@@ -54,6 +55,7 @@ _TAIL_LINES = 20
 _MAX_REASON = 1000
 # Upload failures that another attempt cannot fix: the experiment is failed, not retried.
 _PERMANENT_UPLOAD_ERRORS = (AccessDenied, ObjectNotFound, UnusableObject, ArchiveError)
+_TAIL_LINE_CHARS = 4096  # so that _results.json fits in the disk reserve whatever the experiment printed
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,10 @@ class Experiment:
         self.secret_filter = SecretFilter.for_runner(tools.runner_env, extra=self._request_secrets())
         self.record = tools.status_records.for_request(request)
         self._upload_locks: dict[str, asyncio.Lock] = {}
+        # Labels whose directory holds what the store holds (or the store has nothing): only these are uploaded,
+        # so a download that failed can never be followed by an upload that replaces the stored copy.
+        self._staged: set[str] = set()
+        self._reserve: Path | None = None  # disk set aside for the final uploads (runner/execution/diskreserve.py)
         # Holds the lease on the cached Python environment until the experiment is over (so it is never evicted).
         self._env_lease = contextlib.AsyncExitStack()
         self._ownership: Ownership | None = None  # this runner's lock on self.dir
@@ -143,6 +149,7 @@ class Experiment:
     async def run(self) -> ExperimentResult:
         try:
             self.dir = await asyncio.to_thread(self._make_dir)
+            self._reserve = await asyncio.to_thread(reserve, self.dir)
             try:
                 result = await self._run_in_dir()
             except _Abort as abort:
@@ -238,12 +245,18 @@ class Experiment:
         return limit, f"this runner's disk budget of {format_size(limit)} (--max-disk, or the free space)"
 
     async def _stage(self) -> None:
+        """Download every input; only an object the store says does not exist is skipped (a mutable artifact on
+        its first run). Any other failure ends the run before it starts: ``failed`` when trying again cannot help
+        (access denied, a damaged archive, a missing input, over the disk budget), ``infrastructure`` otherwise (the
+        message is requeued), and a mutable artifact that was not staged is never uploaded, so its stored checkpoint
+        is kept as it is."""
         limit, budget_name = self._disk_budget()
         staged = 0
         for label, artifact in sorted(self.artifacts.items()):
             target = self.label_dir(label)
             await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
             if label in NOT_UPLOADED or not (artifact.qualified or artifact.url):
+                self._staged.add(label)
                 continue
             budget = None
             if limit > 0:
@@ -252,28 +265,22 @@ class Experiment:
             try:
                 size = await self.tools.artifacts.fetch(artifact, target, budget)
                 staged += size
-            except OverBudget as err:
-                # Mutable or not: running without the artifact's contents would only fail later, less clearly.
+            except ObjectNotFound as err:
+                if not artifact.mutable:
+                    await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
+                # A first run: a mutable artifact does not exist until this experiment uploads it.
+                self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
+            except (AccessDenied, ArchiveError, UnusableObject) as err:
+                # Mutable or not (an archive over the disk budget included): another attempt cannot help.
                 await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
-            except (ObjectNotFound, AccessDenied, ArchiveError) as err:
-                if artifact.mutable:
-                    # Normal on a first run: mutable artifacts do not exist until this runner uploads them.
-                    self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
-                    continue
-                await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
-            except UnusableObject as err:
-                if artifact.mutable:
-                    self._log("mutable artifact not downloaded", level=logging.WARNING, label=label, reason=str(err))
-                    continue
-                await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
-            except (TransientStorageError, StorageError, OSError) as err:
-                if artifact.mutable:
-                    self._log("mutable artifact not downloaded", level=logging.WARNING, label=label, reason=str(err))
-                    continue
+            except (StorageError, OSError) as err:
+                # Transient or unclassified: the object may well exist (a checkpoint to resume from), so nothing
+                # may start without it; another attempt will find it.
                 await self._abort(Outcome.INFRASTRUCTURE, f"failed when downloading user data: {err}")
             else:
                 self.tools.metrics.transfer_bytes.labels("down", _scheme(artifact)).inc(size)
                 self._log("artifact staged", label=label, bytes=size)
+            self._staged.add(label)
         await asyncio.to_thread(self.output_file.parent.mkdir, parents=True, exist_ok=True)
 
     async def _environment(self) -> PythonEnv:
@@ -398,13 +405,16 @@ class Experiment:
     async def _finish(self, result: ExperimentResult) -> None:
         """Final uploads (output last among mutable ones), then `_results`; upload failures can change the outcome."""
         result.message = shorten(result.message, _MAX_REASON)
+        # The experiment may have filled the disk: what was set aside at the start is for what follows.
+        await asyncio.to_thread(release, self._reserve)
+        self._reserve = None
         if result.outcome is not Outcome.SUCCEEDED and result.message != "ok":
             await self._note(f"[runner] {result.outcome}: {result.message}")
         phase = time.monotonic()
-        labels = sorted(
-            (label for label, a in self.artifacts.items() if a.mutable and label not in NOT_UPLOADED),
-            key=lambda label: (label == OUTPUT, label),
-        )
+        mutable = [label for label, a in self.artifacts.items() if a.mutable and label not in NOT_UPLOADED]
+        if unstaged := sorted(set(mutable) - self._staged):
+            self._log("not uploaded: never staged, the stored copy is kept", labels=unstaged)
+        labels = sorted(self._staged.intersection(mutable), key=lambda label: (label == OUTPUT, label))
         failures: list[str] = []
         permanent = False
         for label in labels:
@@ -440,9 +450,15 @@ class Experiment:
             },
         }
         if result.tail:
-            document["tail"] = result.tail[-_TAIL_LINES:]
+            document["tail"] = [line[:_TAIL_LINE_CHARS] for line in result.tail[-_TAIL_LINES:]]
         target = self.label_dir(RESULTS) / "_results.json"
-        await asyncio.to_thread(_write_json, target, document)
+        try:
+            await asyncio.to_thread(_write_json, target, document)
+        except OSError as err:
+            # The outcome stays what the experiment earned; the reason says what else went wrong.
+            result.message = f"{result.message}; the results file could not be written: {err}"
+            self._log("could not write _results", level=logging.WARNING, reason=str(err))
+            return
         if RESULTS in self.artifacts:
             try:
                 await self._upload(RESULTS, checkpoint=False)
@@ -469,8 +485,12 @@ class Experiment:
         raise _Abort(ExperimentResult(outcome, message))
 
     async def _note(self, line: str) -> None:
-        """Append a runner message to the experiment's own output, where its owner will look."""
-        await asyncio.to_thread(_append_line, self.output_file, self.secret_filter.redact(line))
+        """Append a runner message to the experiment's own output, where its owner will look (if the disk allows:
+        the message is also in the log and in ``_results``)."""
+        try:
+            await asyncio.to_thread(_append_line, self.output_file, self.secret_filter.redact(line))
+        except OSError as err:
+            self._log("could not add a note to the output", level=logging.WARNING, reason=str(err))
 
     def _make_dir(self) -> Path:
         root = self.tools.settings.working_dir / "experiments"

@@ -32,6 +32,7 @@ from typing import Any
 from runner import backends, spot
 from runner.config import Settings
 from runner.drain import DrainRequest
+from runner.execution import diskreserve
 from runner.execution.containment import Containment
 from runner.execution.pythonenv import EnvCache
 from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, Tools
@@ -147,7 +148,9 @@ class Runner:
             gpus = await gpu.take_inventory(self.environ, cpu_only=s.cpu_only)
             if not s.cpu_only and not gpus.healthy:
                 gpus = self._without_gpus(gpus)
-            self.allocator = Allocator(capacity, on_change=self._publish_capacity, gpus=gpus)
+            self.allocator = Allocator(
+                capacity, on_change=self._publish_capacity, gpus=gpus, disk_reserve=diskreserve.UPLOAD_RESERVE
+            )
             self._publish_capacity(self.allocator)
             self.intake = Intake(self.allocator, limit_tasks=s.limit_tasks)
             brokers = await self._open_brokers(stack)

@@ -8,9 +8,12 @@ decides which (so set it: the default matches only prefixed names).
 
 * **Receive** only what can start: a pull asks for at most as many messages as there are free slots, and is held
   by the server until a message comes.
-* **Lease**: a message pulled is the runner's for the subscription's ack deadline; the lease is extended by
-  ``--pubsub-ack-deadline`` seconds every third of it (``modifyAckDeadline``, at most 600 s at a time) for as long as
-  the experiment runs. Pub/Sub has no ceiling on how long a message may be held this way.
+* **Lease**: a message pulled is the runner's for the subscription's own ack deadline (``ackDeadlineSeconds``,
+  read from the subscription), which may be as short as 10 s. So the lease is extended to ``--pubsub-ack-deadline``
+  seconds on receipt, in one ``modifyAckDeadline`` for the whole pull, and then every third of the lease in force:
+  a third of the subscription's deadline until an extension has succeeded, a third of ``--pubsub-ack-deadline``
+  after (at most 600 s at a time), for as long as the experiment runs. Pub/Sub has no ceiling on how long a
+  message may be held this way.
 * **Settle**: ack = ``acknowledge``; requeue after ``delay`` = ``modifyAckDeadline(delay)`` (0: at once);
   dead-letter = a copy with the reason in its ``studio-runner-reason`` attribute published to the subscription's
   dead-letter topic, then ``acknowledge``. A subscription without a dead-letter policy gets a rejected message
@@ -45,6 +48,8 @@ SOURCE_ATTRIBUTE: Final = "studio-runner-source-queue"
 SUBSCRIPTION_SUFFIX: Final = "_sub"
 CLIENT_ACK_DEADLINE: Final = 20  # what the StudioML client gives the subscriptions it creates
 MAX_ACK_DEADLINE: Final = 600
+# Pub/Sub's ack deadline for a subscription created without one: assumed when the subscription cannot be read.
+DEFAULT_SUBSCRIPTION_DEADLINE: Final = 10
 MAX_PULL: Final = 100
 _PULL_HOLD: Final = 120  # seconds: longer than any server holds an empty pull
 _BROKER: Final[dict[str, object]] = {"broker": BROKER_NAME}
@@ -65,14 +70,16 @@ def queue_of(subscription_id: str) -> str:
 class PubSubDelivery:
     """One pulled message, held by this runner until it is settled."""
 
-    def __init__(self, broker: PubSubBroker, queue: QueueRef, message: Any) -> None:
+    def __init__(self, broker: PubSubBroker, queue: QueueRef, message: Any, subscription_deadline: float) -> None:
         self._broker = broker
         self.queue = queue
         self.body: bytes = message.data or b""
         self.message_id = str(message.message_id)
         self.attributes: dict[str, str] = dict(message.attributes or {})
         self.attempt = int(message.delivery_attempt or 1)
-        self.lease_interval: float | None = broker.ack_deadline / 3
+        # Until an extension succeeds the message is held for the subscription's deadline from the pull, so the
+        # first keep_alive must come well within that, however long --pubsub-ack-deadline is.
+        self.lease_interval: float | None = min(subscription_deadline, broker.ack_deadline) / 3
         self.lease_ending: asyncio.Event | None = None  # Pub/Sub puts no ceiling on a held message
         self._ack_id = str(message.ack_id)
         self._settled = ""
@@ -94,8 +101,12 @@ class PubSubDelivery:
     async def keep_alive(self) -> None:
         if self._settled:
             return
-        seconds = max(1, min(MAX_ACK_DEADLINE, math.ceil(self._broker.ack_deadline)))
-        await self._broker.extend(self.queue.project, self._ack_id, seconds)
+        await self._broker.extend(self.queue.project, self._ack_id, self._broker.lease_seconds)
+        self.extended()
+
+    def extended(self) -> None:
+        """The lease now runs ``--pubsub-ack-deadline`` from now: keep it alive every third of that."""
+        self.lease_interval = self._broker.lease_seconds / 3
 
     async def _acknowledge(self) -> None:
         await self._broker.call(self._broker.subscriber().acknowledge(self.queue.project, [self._ack_id]))
@@ -150,6 +161,7 @@ class PubSubBroker:
         self._subscriber: Any = None
         self._publisher: Any = None
         self._dead_letter_topics: dict[str, str] = {}
+        self._subscription_deadlines: dict[str, float] = {}  # subscription path -> its ackDeadlineSeconds
         self._closed = False
 
     async def __aenter__(self) -> PubSubBroker:
@@ -184,6 +196,11 @@ class PubSubBroker:
             raise RuntimeError("the Pub/Sub broker is not open")
         return self._publisher
 
+    @property
+    def lease_seconds(self) -> int:
+        """What one extension holds a message for: ``--pubsub-ack-deadline`` within Pub/Sub's bounds."""
+        return max(1, min(MAX_ACK_DEADLINE, math.ceil(self.ack_deadline)))
+
     async def call(self, operation: Any) -> Any:
         async with asyncio.timeout(self.timeout):
             return await operation
@@ -204,6 +221,7 @@ class PubSubBroker:
                 found.append(QueueRef(BROKER_NAME, queue, path))
                 topic = str((subscription.get("deadLetterPolicy") or {}).get("deadLetterTopic") or "")
                 self._dead_letter_topics[path] = topic
+                self._remember_deadline(path, subscription)
         return sorted(found)
 
     async def dead_letter_topic(self, subscription: str) -> str:
@@ -215,11 +233,31 @@ class PubSubBroker:
             return self._dead_letter_topics.get(subscription, "")
         return str((info.get("deadLetterPolicy") or {}).get("deadLetterTopic") or "")
 
+    async def subscription_deadline(self, subscription: str) -> float:
+        """The subscription's own ack deadline, read afresh (it can be changed at any time); what discovery saw,
+        else Pub/Sub's default, when it cannot be read."""
+        try:
+            info: Mapping[str, Any] = await self.call(self.subscriber().get_subscription(subscription))
+        except Exception as err:
+            known = self._subscription_deadlines.get(subscription, DEFAULT_SUBSCRIPTION_DEADLINE)
+            log.warning("ack deadline of %s not read (%s); assuming %gs", subscription, err, known, extra=_BROKER)
+            return known
+        return self._remember_deadline(subscription, info)
+
+    def _remember_deadline(self, subscription: str, info: Mapping[str, Any]) -> float:
+        try:
+            seconds = float(info.get("ackDeadlineSeconds") or DEFAULT_SUBSCRIPTION_DEADLINE)
+        except (TypeError, ValueError):
+            seconds = DEFAULT_SUBSCRIPTION_DEADLINE
+        self._subscription_deadlines[subscription] = seconds
+        return seconds
+
     # -- consuming -------------------------------------------------------------------------------------------------
 
     async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[PubSubDelivery, None]:
         """Pull from ``queue`` only while capacity is free, at most as many messages as could start now."""
         failures = 0
+        deadline = await self.subscription_deadline(queue.project)
         while not self._closed:
             await credit.wait()
             wanted = min(MAX_PULL, credit.available())
@@ -241,14 +279,33 @@ class PubSubBroker:
                 await asyncio.sleep(pause)
                 continue
             failures = 0
-            for message in messages:
-                delivery = PubSubDelivery(self, queue, message)
-                if credit.available() <= 0:  # capacity went while the pull was held: hand it back at once
-                    with contextlib.suppress(Exception):
-                        await self.extend(queue.project, delivery._ack_id, 0)
-                    continue
+            # Discovery re-reads every subscription's deadline, so a change reaches the messages pulled after it.
+            deadline = self._subscription_deadlines.get(queue.project, deadline)
+            deliveries = [PubSubDelivery(self, queue, message, deadline) for message in messages]
+            kept = await self._lease_on_receipt(queue, deliveries, credit.available())
+            for delivery in kept:
                 log.info("received attempt %d", delivery.attempt, extra=delivery.log_context)
                 yield delivery
+
+    async def _lease_on_receipt(
+        self, queue: QueueRef, deliveries: list[PubSubDelivery], room: int
+    ) -> list[PubSubDelivery]:
+        """Extend the lease of the deliveries there is room for, at once and in one request (the subscription's
+        own deadline may be only seconds), and hand the rest back (capacity went while the pull was held)."""
+        kept, extra = deliveries[: max(0, room)], deliveries[max(0, room) :]
+        if extra:
+            with contextlib.suppress(Exception):
+                await self.call(self.subscriber().modify_ack_deadline(queue.project, [d._ack_id for d in extra], 0))
+        if kept:
+            try:
+                ack_ids = [d._ack_id for d in kept]
+                await self.call(self.subscriber().modify_ack_deadline(queue.project, ack_ids, self.lease_seconds))
+            except Exception as err:  # they stay held for the subscription's deadline; keep_alive comes within it
+                log.warning("lease not extended on receipt: %s", err, extra={"queue": queue.name, **_BROKER})
+            else:
+                for delivery in kept:
+                    delivery.extended()
+        return kept
 
     async def extend(self, subscription: str, ack_id: str, seconds: int) -> None:
         await self.call(self.subscriber().modify_ack_deadline(subscription, [ack_id], seconds))

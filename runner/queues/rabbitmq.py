@@ -21,7 +21,9 @@ in headers. Whoever gets the copy out of a held queue decides its fate, so it is
 A runner that dies leaves its held queues behind. Each runner declares an exclusive queue
 ``studio-runner.alive.<runner>`` on every connection; the broker deletes it when that connection ends. Every runner
 sweeps for held queues whose owner has had no alive queue for ``orphan_grace`` seconds and returns their messages to
-their work queues (the interrupted delivery counts as an attempt).
+their work queues (the interrupted delivery counts as an attempt). Since when an owner has been missing is recorded
+on the broker (runner/queues/rabbitmq_orphans.py), so a crash loop of short-lived runners does not restart the
+grace with each process.
 
 Attempts: the header ``x-studio-runner-deliveries`` counts the deliveries a message already had (set whenever this
 runner republishes it); quorum queues' ``x-delivery-count`` is also honoured. ``attempt`` = 1 + the larger of both.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import hashlib
 import logging
 import math
@@ -59,6 +62,7 @@ from pamqp import commands as spec
 from runner.amqp_endpoint import AmqpEndpoint
 from runner.queues.base import Credit, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
+from runner.queues.rabbitmq_orphans import plan_sweep
 
 if TYPE_CHECKING:
     from runner.queues.base import Broker, Delivery
@@ -162,6 +166,8 @@ class ManagementApi:
         self._headers = {"Authorization": f"Basic {token}"}
         self._ssl = endpoint.management_ssl()
         self._vhost = quote(endpoint.vhost, safe="")
+        # The broker's clock (the Date of its last answer): orphans are timed by it, whatever the runners' clocks say.
+        self.server_time: float | None = None
 
     async def _get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         url = f"{self.endpoint.management_url}{path}"
@@ -184,6 +190,7 @@ class ManagementApi:
                     )
                 if response.status != 200:
                     raise BrokerUnavailable(f"the RabbitMQ management API at {base} answered {response.status}")
+                self.server_time = _http_date(response.headers.get("Date"))
                 return await response.json()
         except aiohttp.ClientError as err:
             raise BrokerUnavailable(f"cannot reach the RabbitMQ management API at {base}: {err}") from None
@@ -417,6 +424,16 @@ def _bounded_name(name: str) -> str:
     return name.encode()[:200].decode(errors="ignore") + "." + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
+def _http_date(value: str | None) -> float | None:
+    """Seconds since the epoch from an HTTP ``Date`` header; None when absent or not a date."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 def _holder_and_identity(held: str) -> tuple[str, str]:
     """(runner id, message identity) from a held queue's name, ``studio-runner.held.<runner>.<identity>.<nonce>``
     (none of the three parts contains a dot)."""
@@ -618,7 +635,6 @@ class RabbitBroker:
         self._unsettled: dict[str, RabbitDelivery] = {}  # held queue -> delivery
         self._deferred: dict[str, tuple[RabbitDelivery, _Settlement]] = {}  # settlements waiting for the broker
         self._disposed: set[str] = set()  # held queues whose copy was republished but not yet acked and deleted
-        self._orphans_seen: dict[str, float] = {}  # runner id -> when its alive queue was first seen missing
 
     def __repr__(self) -> str:
         return f"RabbitBroker({self.endpoint.shown}, runner={self.runner_id})"
@@ -971,33 +987,37 @@ class RabbitBroker:
     async def _sweep(self, conn: aiormq.abc.AbstractConnection) -> None:
         api = self._require_api()
         names = await api.queue_names(RESERVED_PREFIX)
-        alive = {n.removeprefix(ALIVE_PREFIX) for n in names if n.startswith(ALIVE_PREFIX)}
-        now = time.monotonic()
-        holders: set[str] = set()
         for name in names:
-            if not name.startswith(HELD_PREFIX):
+            if not name.startswith(HELD_PREFIX) or _holder_and_identity(name)[0] != self.runner_id:
                 continue
-            holder = _holder_and_identity(name)[0]
-            if holder == self.runner_id:
-                if name not in self._claiming and name not in self._unsettled and name not in self._deferred:
-                    # A hand-off that failed half-way: its original went back to the work queue.
-                    async with _channel(conn) as channel:
-                        await channel.queue_delete(name)
-                continue
-            if holder in alive:
-                continue
-            holders.add(holder)
-            first_seen = self._orphans_seen.setdefault(holder, now)
-            if now - first_seen >= self.orphan_grace:
-                await self._adopt(conn, name, holder)
-        for gone in set(self._orphans_seen) - holders:
-            del self._orphans_seen[gone]
+            if name not in self._claiming and name not in self._unsettled and name not in self._deferred:
+                # A hand-off that failed half-way: its original went back to the work queue.
+                async with _channel(conn) as channel:
+                    await channel.queue_delete(name)
+        plan = plan_sweep(
+            names,
+            me=self.runner_id,
+            now=api.server_time if api.server_time is not None else time.time(),
+            grace=self.orphan_grace,
+            reserved_prefix=RESERVED_PREFIX,
+            held_prefix=HELD_PREFIX,
+            alive_prefix=ALIVE_PREFIX,
+        )
+        if plan.mark or plan.unmark:
+            async with _channel(conn) as channel:
+                for marker in plan.mark:
+                    # Unused markers expire by themselves; one that expired early only restarts the clock.
+                    expires = int((2 * self.orphan_grace + 3600) * 1000)
+                    await channel.queue_declare(marker, durable=True, arguments={"x-expires": expires})
+                for marker in plan.unmark:
+                    await channel.queue_delete(marker)
+        for held, holder in plan.adopt:
+            await self._adopt(conn, held, holder)
 
     async def _adopt(self, conn: aiormq.abc.AbstractConnection, held: str, holder: str) -> None:
         """Return the message in ``held`` (its runner ``holder`` is gone) to its work queue."""
         if await _exists(conn, "queue", ALIVE_PREFIX + holder):
-            self._orphans_seen.pop(holder, None)  # back just now
-            return
+            return  # back just now
         async with _channel(conn) as channel:
             try:
                 copy = await channel.basic_get(held, no_ack=False, timeout=_OPERATION_TIMEOUT)

@@ -45,8 +45,11 @@ class Allocator:
         on_change: Callable[[Allocator], None] | None = None,
         *,
         gpus: GpuInventory | None = None,
+        disk_reserve: int = 0,
     ) -> None:
         self.capacity = capacity
+        # Disk every experiment takes beyond what it asks for: the runner's reserve for its final uploads.
+        self.disk_reserve = disk_reserve
         self.inventory = gpus if gpus is not None else GpuInventory()
         self._devices = self.inventory.devices
         # never_fits depends only on the machine, not on what runs: cached until a device's health changes.
@@ -99,9 +102,13 @@ class Allocator:
             return f"asks for {needs.cpus} cores; this runner offers {cap.cores}"
         if needs.ram > cap.ram:
             return f"asks for {format_size(needs.ram)} RAM; this runner offers {format_size(cap.ram)}"
-        if needs.hdd > cap.disk:
-            return f"asks for {format_size(needs.hdd)} disk; this runner offers {format_size(cap.disk)}"
+        if self._disk_for(needs) > cap.disk:
+            reserve = f" (and {format_size(self.disk_reserve)} for its final uploads)" if self.disk_reserve else ""
+            return f"asks for {format_size(needs.hdd)} disk{reserve}; this runner offers {format_size(cap.disk)}"
         return None
+
+    def _disk_for(self, needs: Resources) -> int:
+        return needs.hdd + self.disk_reserve
 
     def how_many(self, needs: Resources) -> int:
         """How many experiments of this size could start now."""
@@ -111,8 +118,8 @@ class Allocator:
         counts = [(cap.cores - self.used_cores) // cores_for(needs)]
         if needs.ram:
             counts.append((cap.ram - self.used_ram) // needs.ram)
-        if needs.hdd:
-            counts.append((cap.disk - self.used_disk) // needs.hdd)
+        if disk := self._disk_for(needs):
+            counts.append((cap.disk - self.used_disk) // disk)
         most = max(0, min(counts))
         need = gpu_need.gpu_need(needs)
         if need and most > 0:
@@ -128,13 +135,14 @@ class Allocator:
         if (
             self.used_cores + cores > cap.cores
             or self.used_ram + needs.ram > cap.ram
-            or self.used_disk + needs.hdd > cap.disk
+            or self.used_disk + self._disk_for(needs) > cap.disk
         ):
             return None
         devices = gpu_need.choose(gpu_need.gpu_need(needs), self.free_gpus())
         if devices is None:
             return None
-        allocation = Allocation(next(self._ids), cores, needs.ram, needs.hdd, tuple(d.uuid for d in devices))
+        disk = self._disk_for(needs)
+        allocation = Allocation(next(self._ids), cores, needs.ram, disk, tuple(d.uuid for d in devices))
         self._live[allocation.id] = allocation
         self._notify()
         return allocation

@@ -37,6 +37,7 @@ from runner.storage.base import (
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
+    PacksInPlace,
     StorageError,
     UnusableObject,
     UploadsGrowingFiles,
@@ -152,11 +153,16 @@ class ArtifactIO:
                     "a directory is uploaded as a tar, but the key does not name one (.tar, .tar.gz, ...)"
                 )
             await asyncio.to_thread(label_dir.parent.mkdir, parents=True, exist_ok=True)
+            compression = compression_for_key(key)
+            if isinstance(store, PacksInPlace) and not isinstance(store, UploadsGrowingFiles):
+                # No copy on the working-dir disk, which the experiment may have filled.
+                async with self._pool:
+                    return await store.upload_packed(url, lambda out: _pack_dir_into(label_dir, out, compression))
             tmp = label_dir.parent / f".{label_dir.name}.{secrets.token_hex(4)}.upload"
             try:
                 if isinstance(store, UploadsGrowingFiles):
-                    return await self._pack_while_uploading(store, label_dir, tmp, compression_for_key(key), url)
-                size = await asyncio.to_thread(_pack_dir, label_dir, tmp, compression_for_key(key))
+                    return await self._pack_while_uploading(store, label_dir, tmp, compression, url)
+                size = await asyncio.to_thread(_pack_dir, label_dir, tmp, compression)
                 async with self._pool:
                     await store.upload(tmp, url)
                 return size

@@ -7,9 +7,10 @@ outcome).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from runner.request import AwsCredentials
@@ -66,6 +67,15 @@ class BindsCredentials(Protocol):
     """
 
     def with_credentials(self, credentials: AwsCredentials | None) -> ObjectStore: ...
+
+
+@runtime_checkable
+class PacksInPlace(Protocol):
+    """A store that lets the packer write the archive straight into the object (``file://``: a temporary file
+    beside the destination, renamed over it when complete), so no copy of it is made on the working-dir disk."""
+
+    async def upload_packed(self, url: str, pack: Callable[[BinaryIO], None]) -> int:
+        """Call ``pack`` (in a worker thread) with the object's file open for writing; the bytes written."""
 
 
 @runtime_checkable

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, unquote_to_bytes
@@ -90,6 +90,10 @@ class FileStore:
         path = self._allowed(url)
         await asyncio.to_thread(_upload, src, url, path)
 
+    async def upload_packed(self, url: str, pack: Callable[[BinaryIO], None]) -> int:
+        path = self._allowed(url)
+        return await asyncio.to_thread(_upload_packed, url, path, pack)
+
     def _allowed(self, url: str) -> Path:
         path = path_of(url)
         if not self.roots:
@@ -159,18 +163,34 @@ def _upload(src: Path, url: str, path: Path) -> None:
             raise local_storage_error(err, f"could not write {url} ({path})") from None
 
 
+def _upload_packed(url: str, path: Path, pack: Callable[[BinaryIO], None]) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _write_atomically_with(pack, path, durable=True)
+    except PermissionError:
+        raise AccessDenied(f"{url}: permission denied writing {path}") from None
+    except OSError as err:
+        raise local_storage_error(err, f"could not write {url} ({path})") from None
+
+
 def _write_atomically(src: BinaryIO, dest: Path, *, durable: bool) -> None:
+    _write_atomically_with(lambda out: _copy_stream(src, out), dest, durable=durable)
+
+
+def _write_atomically_with(write: Callable[[BinaryIO], None], dest: Path, *, durable: bool) -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
     try:
         # O_EXCL: never write through a file or symlink someone else placed at the temporary name.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as out:
-            _copy_stream(src, out)
+            write(out)
+            out.flush()
+            size = out.tell()
             if durable:
-                out.flush()
                 os.fsync(out.fileno())
         tmp.replace(dest)
+        return size
     finally:
         tmp.unlink(missing_ok=True)
 

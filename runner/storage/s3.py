@@ -682,6 +682,8 @@ class S3Store:
     async def _put_multipart(self, client: Any, loc: S3Location, source: GrowingFile) -> None:
         """Upload ``source`` in parts, each sent as soon as the file holds it (it may still be being written)."""
         part_size = self._part_size_for(max(source.size_hint, source.written))
+        # Every part in flight, and the next, may be on disk at once; no more (see runner/storage/growing.py).
+        source.limit((self.parts_in_flight + 1) * part_size)
         created, with_crc = await self._create_multipart(client, loc, part_size)
         upload_id = str(created["UploadId"])
         etags: dict[int, str] = {}
@@ -703,6 +705,7 @@ class S3Store:
                     )
                 check_put_etag(response, digest.md5.hex(), f"{loc.url} part {index + 1}")
                 etags[index], digests[index] = str(response["ETag"]), digest.md5
+                source.release(offset, length)  # never read again: the packer may drop it from the scratch file
 
             await with_retries(
                 once, retryable=_retryable, attempts=self.attempts, what=f"upload of {loc.url} part {index + 1}"

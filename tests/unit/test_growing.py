@@ -4,6 +4,7 @@ thread is always over before its caller carries on."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -170,3 +171,64 @@ async def test_cancelling_the_caller_waits_for_a_thread_that_ignores_stop(tmp_pa
     with pytest.raises(asyncio.CancelledError):
         await task
     assert ended.is_set()
+
+
+async def test_a_limited_packer_stays_within_its_window_and_released_bytes_leave_the_disk(tmp_path: Path) -> None:
+    chunk, window, total = 64 * 1024, 1 << 20, 8 << 20
+    grown = GrowingFile(tmp_path / "a.tar")
+    grown.limit(window)
+    writer = grown.writer(step=chunk).open()
+    ahead: list[int] = []  # how far the writer was past what was released, before each write
+
+    def write() -> None:
+        for _ in range(total // chunk):
+            writer.write(b"x" * chunk)
+            ahead.append(writer.tell() - chunk - grown._released)
+        writer.finish()
+
+    async def upload() -> int:
+        """Takes 256 KiB parts as they are written and releases each once 'sent'; the most the file weighed."""
+        heaviest, offset, part = 0, 0, 256 * 1024
+        while offset < total:
+            held = await grown.wait_for(offset + part)
+            heaviest = max(heaviest, (await asyncio.to_thread(grown.path.stat)).st_blocks * 512)
+            grown.release(offset, min(part, held - offset))
+            offset += part
+        return heaviest
+
+    async with asyncio.timeout(60):
+        thread = asyncio.create_task(run_thread_to_end(write, grown.stop))
+        heaviest = await upload()
+        await thread
+    assert max(ahead) < window  # it waited for releases instead of running ahead
+    assert grown.path.stat().st_size == total  # holes keep the size: offsets stay valid for the uploader
+    # On filesystems that punch holes (ext4, xfs, tmpfs) the file never held much more than the window.
+    assert heaviest <= window + 2 * chunk + (1 << 16) or not _punches(tmp_path)
+
+
+async def test_stopping_a_packer_that_waits_for_room_ends_it_with_packing_stopped(tmp_path: Path) -> None:
+    grown = GrowingFile(tmp_path / "a.tar")
+    grown.limit(4)
+    writer = grown.writer().open()
+    writer.write(b"abcd")  # the window is full: the next write waits for a release that never comes
+    blocked = asyncio.create_task(asyncio.to_thread(writer.write, b"e"))
+    await asyncio.sleep(0.05)
+    grown.stop()
+    with pytest.raises(PackingStopped):
+        await asyncio.wait_for(blocked, PATIENCE)
+    writer.close()
+
+
+def _punches(directory: Path) -> bool:
+    from runner.storage.growing import punch_hole
+
+    probe = directory / "probe"
+    probe.write_bytes(b"x" * (1 << 17))
+    fd = os.open(probe, os.O_WRONLY)
+    try:
+        punch_hole(fd, 0, 1 << 16)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

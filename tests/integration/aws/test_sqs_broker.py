@@ -309,10 +309,10 @@ async def test_near_the_12_hour_ceiling_the_lease_ends_and_the_message_is_renewe
         assert leg.held_for() < 4
         await leg.requeue(delay=0)  # the service requeues the interrupted experiment: renewal
         renewed = await receive_one(broker, queue, timeout=3)
-    assert renewed.message_id != leg.message_id and renewed.body == b'{"k": 1}'
-    assert renewed.attempt == 2  # the interrupted leg is not counted as a delivery
-    assert renewed.attributes["client"]["StringValue"] == "x"
-    await renewed.ack()
+        assert renewed.message_id != leg.message_id and renewed.body == b'{"k": 1}'
+        assert renewed.attempt == 2  # the interrupted leg is not counted as a delivery
+        assert renewed.attributes["client"]["StringValue"] == "x"
+        await renewed.ack()  # while the broker is open: closing it closes the clients a delivery settles through
     assert await counts(sqs, url) == (0, 0)
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from tests.integration.conftest import Sandbox, read_member
+from tests.integration.conftest import Sandbox, read_member, wait_until
 from tests.integration.pubsub.conftest import PubSubEmulator, unique
 
 TRAIN = """\
@@ -19,14 +20,14 @@ with open(os.path.join(mapping["modeldir"], "weights.txt"), "w") as f:
 """
 
 
-def move_to_pubsub(sandbox: Sandbox, pubsub: PubSubEmulator, project: str, queue: str) -> str:
+def move_to_pubsub(sandbox: Sandbox, pubsub: PubSubEmulator, project: str, queue: str, **options: Any) -> str:
     """Take the one request ``submit`` left on the local queue and publish it to the topic ``queue`` (made with its
     subscription ``<queue>_sub``, as the StudioML client makes them); the subscription's path."""
     [name] = sandbox.queue_files()
     message: Path = sandbox.queue_root / "local_default" / name
     body = message.read_bytes()
     assert json.loads(body)["experiment"]["artifacts"]["workspace"]["qualified"].startswith("file://")
-    subscription = pubsub.queue(project, queue)
+    subscription = pubsub.queue(project, queue, **options)
     pubsub.publish(project, queue, body)
     message.unlink()
     return subscription
@@ -61,3 +62,26 @@ def test_an_experiment_from_a_pubsub_subscription_with_file_artifacts_runs_end_t
     assert not [e for e in events if e.get("message") == "could not settle message"]
     assert pubsub.pull(subscription) == []  # acknowledged: nothing left to deliver
     assert sandbox.queue_files() == [] and sandbox.dead_letters() == []
+
+
+def test_with_a_10_s_subscription_deadline_and_two_runners_a_30_s_experiment_runs_once(
+    sandbox: Sandbox, pubsub: PubSubEmulator, project: str
+) -> None:
+    # Pub/Sub's default deadline (the StudioML client's is 20 s): the lease is extended on receipt and then every
+    # third of the deadline in force, never a third of --pubsub-ack-deadline after the subscription's has lapsed.
+    queue = unique("ps_short")
+    runs = sandbox.root / "runs"
+    script = f"import os, time\nopen({str(runs)!r}, 'a').write(f'{{os.getpid()}}\\n')\ntime.sleep(30)\n"
+    ws = sandbox.workspace("long", {"long.py": script})
+    key = sandbox.submit(ws, "long.py")
+    subscription = move_to_pubsub(sandbox, pubsub, project, queue, ack_deadline=10)
+    assert pubsub.subscription(subscription)["ackDeadlineSeconds"] == 10
+
+    env = {"PUBSUB_PROJECT": project, "PUBSUB_EMULATOR_HOST": pubsub.host, "QUEUE_MATCH": f"^{queue}$"}
+    runners = [sandbox.start(**env), sandbox.start(**env)]
+    results = sandbox.wait_results(key, 180)
+    assert results["outcome"] == "succeeded", results
+    assert len(runs.read_text().split()) == 1, "the experiment ran more than once"
+    received = [e for r in runners for e in r.events() if str(e.get("message")).startswith("received attempt")]
+    assert len(received) == 1, received
+    wait_until(lambda: pubsub.pull(subscription) == [], 30, "the message to be acknowledged")

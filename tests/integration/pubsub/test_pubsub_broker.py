@@ -215,6 +215,23 @@ async def test_keep_alive_holds_the_message_past_its_ack_deadline_so_nobody_else
     assert await nothing_left(pubsub, subscription)
 
 
+async def test_the_lease_is_extended_on_receipt_and_kept_from_the_subscriptions_own_deadline(
+    pubsub: PubSubEmulator, project: str, prefix: str
+) -> None:
+    subscription = pubsub.queue(project, f"{prefix}_short", ack_deadline=SHORT)
+    pubsub.publish(project, f"{prefix}_short", "{}")
+    async with broker_for(pubsub, project, prefix, ack_deadline=30) as broker:
+        assert await broker.subscription_deadline(subscription) == SHORT
+        queue = await ref(broker, f"{prefix}_short")
+        delivery = await receive_one(broker, queue)
+        # Held for 30 s from receipt, not the subscription's 1 s, without any keep_alive yet.
+        assert delivery.lease_interval == 10
+        await asyncio.sleep(3 * SHORT)
+        assert pubsub.pull(subscription) == [], "the message was delivered again: its lease was not extended"
+        await delivery.ack()
+    assert await nothing_left(pubsub, subscription)
+
+
 async def test_a_requeued_message_is_delivered_again_at_once_as_the_next_attempt_under_a_dead_letter_policy(
     pubsub: PubSubEmulator, project: str, broker: PubSubBroker, prefix: str
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from runner import submit as runner_submit
 from runner.queues.rabbitmq import DEAD_SUFFIX, DELAY_PREFIX, REASON_HEADER
+from runner.service import NO_FIT_DELAY
 from tests.integration.conftest import RunnerProcess, Sandbox, free_port, wait_until
 from tests.integration.rabbitmq.conftest import CONSUMER_TIMEOUT_MS, Rabbit, experiment_request
 
@@ -249,6 +250,42 @@ def test_the_messages_of_a_killed_runner_are_run_again_by_another_runner(sandbox
     assert rabbit.held() == [] and rabbit.ready(QUEUE) == 0
 
 
+@pytest.mark.timeout(300)  # a dozen runner processes started one after another on a loaded machine
+def test_a_crash_loop_of_short_lived_runners_still_returns_a_dead_runners_messages_after_the_grace(
+    sandbox: Sandbox, rabbit: Rabbit
+) -> None:
+    submit(sandbox, rabbit, WAITER, str(sandbox.root))
+    first = sandbox.start(**rabbit.runner_env())
+    wait_until(lambda: runs(sandbox), 60, "the first run to start")
+    assert len(rabbit.held()) == 1
+    first.proc.kill()
+    first.proc.wait(10)
+    os.kill(runs(sandbox)[0], signal.SIGKILL)  # its experiment outlives a SIGKILLed runner; end it by its pid
+
+    # Runners that each live for less than the grace (crashing, say), serving no queue: they only sweep. The time
+    # the dead runner's alive queue went missing is recorded on the broker, so the grace runs across all of them.
+    grace, lifetimes = 6.0, []
+    env = rabbit.runner_env(AMQP_ORPHAN_GRACE=f"{grace:g}s", QUEUE_MATCH="^rmq_serves_nothing$")
+    started = time.monotonic()
+    while rabbit.held() and time.monotonic() - started < 90:
+        born = time.monotonic()
+        runner = sandbox.start(**env)
+        while time.monotonic() - born < grace / 2 and rabbit.held():
+            time.sleep(0.1)
+        runner.proc.kill()
+        runner.proc.wait(10)
+        lifetimes.append(time.monotonic() - born)
+    assert rabbit.held() == [], f"still held after {len(lifetimes)} runners"
+    assert max(lifetimes) < grace  # no runner lived long enough to time the grace on its own
+    wait_until(lambda: rabbit.ready(QUEUE) == 1, 30, "the message back in its queue")
+    [(_, headers)] = rabbit.peek(QUEUE)
+    assert headers["x-studio-runner-deliveries"] == 1  # the interrupted delivery counts
+    # A runner that lives on removes the record of the dead runner, which holds nothing any more.
+    survivor = sandbox.start(**env)
+    wait_until(lambda: not [q for q in rabbit.queues() if ".missing." in q], 60, "the missing-runner record to go")
+    survivor.stop()
+
+
 def test_deleting_a_queue_lets_its_running_experiment_finish(sandbox: Sandbox, rabbit: Rabbit) -> None:
     key = submit(sandbox, rabbit, WAITER, str(sandbox.root))
     runner = sandbox.start(**rabbit.runner_env())
@@ -283,14 +320,19 @@ def test_a_request_that_can_never_fit_goes_back_to_other_runners_without_a_hot_l
 ) -> None:
     key, body = experiment_request(sandbox, "huge", "print('never')\n", cpus=4096)
     rabbit.publish(QUEUE, body)
+    started = time.monotonic()
     runner = sandbox.start(**rabbit.runner_env())
     refusal = "message not run: does not fit this runner: asks for 4096 cores"
     wait_until(lambda: any(str(e.get("message")).startswith(refusal) for e in runner.events()), 60, "the refusal")
-    time.sleep(2)  # the queue is left alone for a while: no take-and-return loop
-    assert len([e for e in runner.events() if str(e.get("message")).startswith("took attempt")]) == 1
-    [(_, headers)] = rabbit.peek(QUEUE)  # back in its queue for runners it fits, its delivery counted
-    assert headers["x-studio-runner-deliveries"] == 1
-    assert rabbit.held() == [] and sandbox.results(key) is None
+    # Back in RabbitMQ, hidden for NO_FIT_DELAY in its delay queue (the messages behind it are taken meanwhile), and
+    # from there back to its queue for runners it fits, its delivery counted.
+    hidden = f"{DELAY_PREFIX}{QUEUE}.{NO_FIT_DELAY:g}s"
+    [(_, headers)] = wait_until(lambda: rabbit.peek(hidden), 60, "the message to be hidden for a while")
+    assert headers["x-studio-runner-deliveries"] >= 1
+    # No take-and-return loop: at most one take each time it comes back (a loaded machine may see a later round).
+    takes = [e for e in runner.events() if str(e.get("message")).startswith("took attempt")]
+    assert 1 <= len(takes) <= 1 + (time.monotonic() - started) / NO_FIT_DELAY
+    assert sandbox.results(key) is None
 
 
 def test_submit_explains_a_missing_or_unusable_rabbitmq_url(
