@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
+from runner.labels import label_path_part
 from runner.logs import event_fields
 from runner.metrics import Metrics
 from runner.outcome import EXIT_TEMPFAIL, Outcome
@@ -139,7 +140,8 @@ class Experiment:
                 await asyncio.to_thread(shutil.rmtree, self.dir, True)
 
     def label_dir(self, label: str) -> Path:
-        return self.dir / label
+        # The decoder already refused such labels; a path built from one would leave the experiment directory.
+        return self.dir / label_path_part(label)
 
     @property
     def output_file(self) -> Path:

@@ -36,6 +36,7 @@ from runner.http import HttpServer, HttpView
 from runner.intake import Intake
 from runner.metrics import Metrics
 from runner.outcome import Action, Outcome, Settlement, SettlePolicy, settle
+from runner.poison import too_many_deliveries, unadmittable
 from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
 from runner.request import Request, RequestError, parse_request
 from runner.resources import gpu, host
@@ -318,7 +319,12 @@ class Runner:
             async for delivery in broker.consume(queue, self.intake.credit(queue)):
                 self._last_activity = time.monotonic()
                 self.metrics.messages_received.labels(broker.name, self.metrics.queue(queue.name)).inc()
-                decision = self._admit(delivery)
+                try:
+                    decision = self._admit(delivery)
+                except Exception as err:  # see runner/poison.py: this message is rejected, the runner goes on
+                    reason = unadmittable(err)
+                    log.error(reason, extra={"queue": str(queue), "message_id": delivery.message_id})
+                    decision = Refusal(Settlement(Action.DEAD_LETTER, reason=reason), "rejected", Outcome.REJECTED)
                 self._experiments.create_task(self._process(delivery, decision))
         except QueueGone:
             log.info("queue disappeared", extra={"queue": str(queue)})
@@ -329,7 +335,7 @@ class Runner:
         received = time.monotonic()
         queue = delivery.queue
         try:
-            request = parse_request(delivery.body)
+            request = parse_request(delivery.body, max_bytes=self.settings.max_message_size)
         except RequestError as err:
             return Refusal(
                 Settlement(Action.DEAD_LETTER, reason=f"invalid request: {err}"), "rejected", Outcome.REJECTED
@@ -351,6 +357,8 @@ class Runner:
             return Refusal(
                 Settlement(Action.REQUEUE, NO_FIT_DELAY, f"does not fit this runner: {never}"), "does_not_fit"
             )
+        if (too_many := too_many_deliveries(delivery.attempt, self.policy)) is not None:
+            return Refusal(Settlement(Action.DEAD_LETTER, reason=too_many), "max_deliveries", Outcome.REJECTED)
         allocation = self.allocator.try_allocate(needs)
         if allocation is None:
             return Refusal(Settlement(Action.REQUEUE, 0.0, "not enough free capacity right now"), "busy")
