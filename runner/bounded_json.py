@@ -52,11 +52,11 @@ class JsonRefused(ValueError):
     """The text is not JSON, or not JSON this runner will decode; the text says why."""
 
 
-def loads(body: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
-    """Decode ``body`` (UTF-8, an optional BOM) if it is at most ``max_bytes`` long, nests at most ``max_depth``
-    levels and has no number longer than :data:`MAX_NUMBER_DIGITS` digits or beyond a float's range."""
+def loads(body: bytes | str, *, max_bytes: int | None, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode ``body`` (UTF-8, an optional BOM) if it is at most ``max_bytes`` long (None: any length), nests at most
+    ``max_depth`` levels and has no number longer than :data:`MAX_NUMBER_DIGITS` digits or beyond a float's range."""
     data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
-    if len(data) > max_bytes:
+    if max_bytes is not None and len(data) > max_bytes:
         raise JsonRefused(
             f"the message is {format_size(len(data))} ({len(data)} bytes); this runner decodes messages of at most "
             f"{format_size(max_bytes)} (--max-message-size)"

@@ -325,7 +325,7 @@ def parse_request(body: bytes | str, *, max_bytes: int | None = None) -> Request
 
     ``max_bytes`` is the runner's ``--max-message-size``; None (tools and tests) bounds only depth and numbers."""
     try:
-        document = bounded_json.loads(body, max_bytes=len(body) if max_bytes is None else max_bytes)
+        document = bounded_json.loads(body, max_bytes=max_bytes)
     except bounded_json.JsonRefused as err:
         raise RequestError(str(err)) from None
     if not isinstance(document, dict):

@@ -341,3 +341,8 @@ def test_a_message_longer_than_max_bytes_is_refused_unread() -> None:
     assert parse_request(raw, max_bytes=len(raw)).experiment.key
     with pytest.raises(RequestError, match="--max-message-size"):
         parse_request(raw, max_bytes=len(raw) - 1)
+
+
+def test_without_a_size_limit_any_length_decodes() -> None:
+    text = json.dumps(with_experiment(key="ключ-" * 10_000), ensure_ascii=False)
+    assert parse_request(text).experiment.key == "ключ-" * 10_000
