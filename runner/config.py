@@ -81,6 +81,7 @@ class Settings:
     status_interval: float  # seconds
     retry_failed: int
     max_deliveries: int
+    max_message_size: int  # bytes; a longer message is dead-lettered unread
     poll_interval: float  # seconds
     amqp_url: str  # "" = RabbitMQ off; holds the password: shown only through redact_url
     amqp_mgt_url: str  # "" = derived from amqp_url
@@ -165,6 +166,13 @@ def _memory(text: str, environ: Mapping[str, str]) -> int:
     total = _physical_memory()
     if total is not None and value > total:
         raise _Invalid(f"is more than the {format_size(total)} of RAM in this machine")
+    return value
+
+
+def _message_size(text: str, environ: Mapping[str, str]) -> int:
+    value = _size(text, environ)
+    if value < 1024:
+        raise _Invalid("is less than 1 KiB: no StudioML request is that short")
     return value
 
 
@@ -466,6 +474,17 @@ _OPTIONS: tuple[_Option, ...] = (
         "how often local queue directories on network filesystems (NFS, EFS, SMB) are looked at for messages "
         "written by other machines; elsewhere the kernel reports new messages at once",
         metavar="DURATION",
+    ),
+    _Option(
+        "max-message-size",
+        _QUEUES,
+        _message_size,
+        # A real request (a full pip freeze included) is 6 KB; SQS carried at most 256 KiB for years. The bound
+        # keeps the decoding of the worst message this size can hold to a few milliseconds of the event loop.
+        "256kib",
+        f"{SIZE_FORM}, 1 KiB or more",
+        "longest message body that is decoded; a longer one is dead-lettered unread (outcome rejected)",
+        metavar="SIZE",
     ),
     _Option(
         "amqp-url",

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from runner.clip import clip
 from runner.execution.containment import MARKER, Containment, Ownership
 from runner.execution.diskreserve import release, reserve
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
 from runner.execution.spawn_check import spawn_problem
+from runner.labels import label_path_part
 from runner.logs import event_fields
 from runner.metrics import Metrics
 from runner.outcome import EXIT_TEMPFAIL, Outcome
@@ -38,7 +40,6 @@ from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import AccessDenied, ObjectNotFound, StorageError, UnusableObject
 from runner.storage.budget import DiskBudget
 from runner.storage.status_records import StatusRecords
-from runner.truncate import shorten
 from runner.units import format_duration, format_size
 
 log = logging.getLogger("runner.experiment")
@@ -164,7 +165,8 @@ class Experiment:
                 self._ownership.release()
 
     def label_dir(self, label: str) -> Path:
-        return self.dir / label
+        # The decoder already refused such labels; a path built from one would leave the experiment directory.
+        return self.dir / label_path_part(label)
 
     @property
     def output_file(self) -> Path:
@@ -404,7 +406,7 @@ class Experiment:
 
     async def _finish(self, result: ExperimentResult) -> None:
         """Final uploads (output last among mutable ones), then `_results`; upload failures can change the outcome."""
-        result.message = shorten(result.message, _MAX_REASON)
+        result.message = clip(result.message, _MAX_REASON)
         # The experiment may have filled the disk: what was set aside at the start is for what follows.
         await asyncio.to_thread(release, self._reserve)
         self._reserve = None
@@ -427,7 +429,7 @@ class Experiment:
         if failures and result.outcome is Outcome.SUCCEEDED:
             # Access denied or no such bucket will be just as true on the next attempt: failed, not retried.
             result.outcome = Outcome.FAILED if permanent else Outcome.INFRASTRUCTURE
-            result.message = shorten("results could not be uploaded: " + "; ".join(failures), _MAX_REASON)
+            result.message = clip("results could not be uploaded: " + "; ".join(failures), _MAX_REASON)
         await self._write_results(result)
         await self.record.finished(result.outcome)
         self.tools.metrics.phase_seconds.labels("upload").observe(time.monotonic() - phase)
@@ -467,7 +469,7 @@ class Experiment:
                 if result.outcome is Outcome.SUCCEEDED:
                     permanent = isinstance(err, _PERMANENT_UPLOAD_ERRORS)
                     result.outcome = Outcome.FAILED if permanent else Outcome.INFRASTRUCTURE
-                    result.message = shorten(f"_results could not be uploaded: {err}", _MAX_REASON)
+                    result.message = clip(f"_results could not be uploaded: {err}", _MAX_REASON)
 
     # ----------------------------------------------------------------- helpers
 
@@ -559,6 +561,6 @@ def _start_failure(program: str, err: OSError | ValueError | None) -> tuple[Outc
     """The outcome of a process that could not be started: the request's fault (a command line too long, a value
     the kernel refuses) fails it; anything else is this runner's and may pass elsewhere."""
     if isinstance(err, ValueError) or (isinstance(err, OSError) and err.errno in (errno.E2BIG, errno.ENAMETOOLONG)):
-        return Outcome.FAILED, f"the process cannot be started: {shorten(str(err))}"
+        return Outcome.FAILED, f"the process cannot be started: {clip(str(err))}"
     reason = (err.strerror or str(err)) if isinstance(err, OSError) else "no reason given"
-    return Outcome.INFRASTRUCTURE, f"could not start {program}: {shorten(reason)}"
+    return Outcome.INFRASTRUCTURE, f"could not start {program}: {clip(reason)}"

@@ -46,7 +46,7 @@ class Metrics:
         self.tasks_running = Gauge("runner_tasks_running", "Experiments running now", ["queue"], registry=r)
         self.requeues = Counter(
             "runner_requeues_total",
-            "Messages handed back without running (does_not_fit, busy, duplicate)",
+            "Messages settled without running (does_not_fit, busy, duplicate, rejected, max_deliveries)",
             ["queue", "reason"],
             registry=r,
         )

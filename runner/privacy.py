@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from runner import bounded_json
 from runner.config import Settings
 from runner.request import RequestError, Resources, is_envelope, parse_resources
 from runner.signing_keys import RESCAN_INTERVAL, SigningKeys, fingerprint
@@ -93,15 +94,16 @@ class MessageKey:
 # --- reading an envelope --------------------------------------------------------------------------------------------
 
 
-def read_envelope(body: bytes | str) -> Envelope | None:
-    """The envelope in ``body``, or None when ``body`` is not one (a clear request, or not even JSON: the request
-    decoder says why). Raises :class:`EnvelopeRejected` for an envelope with a malformed header."""
-    raw = body.encode() if isinstance(body, str) else body
+def read_envelope(body: bytes | str, *, max_bytes: int | None = None) -> Envelope | None:
+    """The envelope in ``body``, or None when ``body`` is not one (a clear request, or not even JSON or beyond the
+    decoding bounds: the request decoder says why). Raises :class:`EnvelopeRejected` for an envelope with a malformed
+    header."""
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
     if b'"message"' not in raw:  # a clear request is decoded once, by parse_request, not twice
         return None
     try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError):
+        document = bounded_json.loads(raw, max_bytes=max_bytes)
+    except bounded_json.JsonRefused:
         return None
     if not isinstance(document, dict) or not is_envelope(document):
         return None
@@ -311,9 +313,10 @@ class Privacy:
                 pass
             self._watcher = None
 
-    def envelope(self, body: bytes) -> Envelope | None:
-        """The envelope in ``body`` (None: a clear request); rejects a clear one when clear text is refused."""
-        envelope = read_envelope(body)
+    def envelope(self, body: bytes, *, max_bytes: int | None = None) -> Envelope | None:
+        """The envelope in ``body`` (None: a clear request, or one beyond the decoding bounds of ``max_bytes`` and
+        runner/bounded_json.py); rejects a clear one when clear text is refused."""
+        envelope = read_envelope(body, max_bytes=max_bytes)
         if envelope is None and not self.clear_text:
             raise EnvelopeRejected(
                 "clear-text requests are refused here (--clear-text-messages=false): encrypt it with the runner's "

@@ -5,16 +5,32 @@ case-insensitive (an exact match wins), ``null`` is the zero value -- and its st
 is an error that names the field (``experiment.resources_needed.cpus``). Where the real python client sends
 something Go would refuse (``"gpuCount": "1"``, numbers given as strings, ``env`` values that are numbers), we accept
 it, because real users submit exactly that. Bad sizes and durations are errors, never silent zeros.
+
+A message is untrusted input, so decoding is bounded and total: the JSON is read by :mod:`runner.bounded_json`
+(size, nesting depth, number length), every field parse is linear in its text, numbers stay within range, text the
+runner passes on to the system (keys, file names, arguments, environment) holds no NUL and no lone surrogate, artifact
+labels are plain names (:mod:`runner.labels`), and values quoted in reasons are clipped (:mod:`runner.clip`). Whatever
+the input, :func:`parse_request` returns a Request or raises :class:`RequestError` -- nothing else.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from runner.units import DURATION_FORM, SIZE_FORM, parse_duration, parse_size
+from runner import bounded_json
+from runner.clip import clip, clip_repr
+from runner.labels import label_problem
+from runner.units import DURATION_FORM, LONGEST_DURATION_SECONDS, SIZE_FORM, parse_duration, parse_size
+
+# Go decodes counts and sizes into 64-bit unsigned integers; larger values are errors there, and here.
+_UINT_LIMIT: Final = 2**64
+# A count given as text: ASCII digits only (str.isdigit() also accepts "²", which int() then refuses).
+_DIGITS: Final = re.compile(r"[0-9]{1,20}")
 
 
 class RequestError(ValueError):
@@ -124,7 +140,7 @@ class _Fields:
             return ""
         if not isinstance(value, str):
             raise RequestError(f"{self.where(name)}: expected a string, got {_kind(value)}")
-        return value
+        return _text(value, self.where(name))
 
     def boolean(self, name: str) -> bool:
         value = self.raw(name)
@@ -139,10 +155,12 @@ class _Fields:
         value = self.raw(name)
         if value is None:
             return 0
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value.strip())
+        if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+            value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise RequestError(f"{self.where(name)}: expected a non-negative integer, got {_kind(value)}")
+        if value >= _UINT_LIMIT:
+            raise RequestError(f"{self.where(name)}: {_kind(value)} is too large")
         return value
 
     def number(self, name: str) -> float | None:
@@ -151,14 +169,17 @@ class _Fields:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RequestError(f"{self.where(name)}: expected a number, got {_kind(value)}")
-        return float(value)
+        number = float(value)  # finite: bounded_json refused numbers too long or out of range
+        if not math.isfinite(number):
+            raise RequestError(f"{self.where(name)}: {_kind(value)} is out of range")
+        return number
 
     def size(self, name: str) -> int:
         """A byte size string (``"4gb"``); a plain non-negative integer is taken as bytes. Empty means 0."""
         value = self.raw(name)
         if value is None or value == "":
             return 0
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _UINT_LIMIT:
             return value
         if not isinstance(value, str):
             raise RequestError(f"{self.where(name)}: expected {SIZE_FORM}, got {_kind(value)}")
@@ -173,15 +194,18 @@ class _Fields:
         if value is None or value == "":
             return None
         if bare_number_unit is not None and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value) * bare_number_unit
-        if not isinstance(value, str):
+            seconds = float(value) * bare_number_unit
+        elif not isinstance(value, str):
             raise RequestError(f"{self.where(name)}: expected {DURATION_FORM}, got {_kind(value)}")
-        try:
-            seconds = parse_duration(value)
-        except ValueError as err:
-            raise RequestError(f"{self.where(name)}: {err}") from None
+        else:
+            try:
+                seconds = parse_duration(value)
+            except ValueError as err:
+                raise RequestError(f"{self.where(name)}: {err}") from None
         if seconds < 0:
-            raise RequestError(f"{self.where(name)}: a negative duration {value!r} makes no sense here")
+            raise RequestError(f"{self.where(name)}: a negative duration ({_kind(value)}) makes no sense here")
+        if not seconds <= LONGEST_DURATION_SECONDS:  # also NaN and infinity
+            raise RequestError(f"{self.where(name)}: {_kind(value)} is longer than the longest duration, ~292 years")
         return seconds
 
     def strings(self, name: str) -> tuple[str, ...]:
@@ -193,6 +217,7 @@ class _Fields:
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise RequestError(f"{self.where(name)}[{i}]: expected a string, got {_kind(item)}")
+            _text(item, f"{self.where(name)}[{i}]")
         return tuple(value)
 
     def string_map(self, name: str) -> dict[str, str]:
@@ -204,15 +229,30 @@ class _Fields:
             raise RequestError(f"{self.where(name)}: expected an object of strings, got {_kind(value)}")
         out: dict[str, str] = {}
         for k, v in value.items():
+            where = f"{self.where(name)}.{clip(str(k), 40)}"
+            _text(str(k), where)
             if v is None:
                 out[str(k)] = ""
             elif isinstance(v, bool):
                 out[str(k)] = "true" if v else "false"
             elif isinstance(v, str | int | float):
-                out[str(k)] = str(v)
+                out[str(k)] = _text(str(v), where)
             else:
-                raise RequestError(f"{self.where(name)}.{k}: expected a string, got {_kind(v)}")
+                raise RequestError(f"{where}: expected a string, got {_kind(v)}")
         return out
+
+
+def _text(value: str, where: str) -> str:
+    """``value`` when the runner can pass it on to the system: no NUL (the end of a C string: exec and open refuse
+    it) and no lone surrogate (``"\\ud800"`` in JSON decodes to one, and it has no UTF-8 form)."""
+    if "\x00" in value:
+        raise RequestError(f"{where}: {clip_repr(value, 40)} holds a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"{where}: {clip_repr(value, 40)} holds a lone surrogate, which is not text") from None
+    return value
 
 
 def _kind(value: Any) -> str:
@@ -221,10 +261,9 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return f"boolean {json.dumps(value)}"
     if isinstance(value, int | float):
-        return f"number {value!r}"
+        return f"number {clip(repr(value), 40)}"
     if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"string {shown!r}"
+        return f"string {clip_repr(value, 40)}"
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -247,7 +286,7 @@ def _aws(credentials: _Fields) -> AwsCredentials | None:
 
 def _artifact(label: str, f: _Fields) -> Artifact:
     save_frequency = f.raw("saveFrequency")
-    if isinstance(save_frequency, str) and not save_frequency.strip().isdigit():
+    if isinstance(save_frequency, str) and not _DIGITS.fullmatch(save_frequency.strip()):
         seconds = f.duration("saveFrequency") or 0.0
     else:
         seconds = float(f.uint("saveFrequency"))
@@ -286,12 +325,14 @@ def is_envelope(document: Mapping[str, Any]) -> bool:
     return isinstance(message, dict) and "payload" in message
 
 
-def parse_request(body: bytes | str) -> Request:
-    """Decode a clear-text StudioML request, raising :class:`RequestError` with a precise reason."""
+def parse_request(body: bytes | str, *, max_bytes: int | None = None) -> Request:
+    """Decode a clear-text StudioML request, raising :class:`RequestError` with a precise reason.
+
+    ``max_bytes`` is the runner's ``--max-message-size``; None (tools and tests) bounds only depth and numbers."""
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(f"the message is not JSON: {err}") from None
+        document = bounded_json.loads(body, max_bytes=max_bytes)
+    except bounded_json.JsonRefused as err:
+        raise RequestError(str(err)) from None
     if not isinstance(document, dict):
         raise RequestError(f"the message must be a JSON object, got {_kind(document)}")
     if is_envelope(document):
@@ -311,6 +352,8 @@ def parse_request(body: bytes | str) -> Request:
     artifacts: dict[str, Artifact] = {}
     art = e.obj("artifacts")
     for label in art.names():
+        if (problem := label_problem(label)) is not None:
+            raise RequestError(f"experiment.artifacts: {problem}")
         artifacts[label] = _artifact(label, art.obj(label))
 
     filename = e.string("filename")
@@ -350,4 +393,4 @@ def _pythonver(e: _Fields) -> str:
 
 def _project(e: _Fields) -> str:
     value = e.raw("project")
-    return value if isinstance(value, str) else ""
+    return _text(value, e.where("project")) if isinstance(value, str) else ""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runner import backends, spot
+from runner.clip import clip
 from runner.config import Settings
 from runner.drain import DrainRequest
 from runner.execution import diskreserve
@@ -40,6 +41,7 @@ from runner.http import HttpServer, HttpView
 from runner.intake import Intake
 from runner.metrics import Metrics
 from runner.outcome import Action, Outcome, Settlement, SettlePolicy, settle
+from runner.poison import too_many_deliveries, unadmittable
 from runner.privacy import EnvelopeRejected, HandBack, KeyProblem, Privacy
 from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
 from runner.request import Request, RequestError, parse_request
@@ -48,7 +50,6 @@ from runner.resources.allocator import Allocation, Allocator
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import ObjectStore
 from runner.storage.cache import ArtifactCache
-from runner.truncate import shorten
 from runner.units import format_size
 
 log = logging.getLogger("runner.service")
@@ -406,11 +407,15 @@ class Runner:
                 self.metrics.messages_received.labels(broker.name, self.metrics.queue(queue.name)).inc()
                 try:
                     opened = await self._open(delivery)
+                    decision = opened if isinstance(opened, Refusal) else self._admit(delivery, opened)
                 except asyncio.CancelledError:  # the runner stops while a request is being decrypted
                     stopped = Refusal(Settlement(Action.REQUEUE, 0.0, "the runner stopped"), "interrupted")
                     self._experiments.create_task(self._process(delivery, stopped))
                     raise
-                decision = opened if isinstance(opened, Refusal) else self._admit(delivery, opened)
+                except Exception as err:  # see runner/poison.py: this message is rejected, the runner goes on
+                    reason = unadmittable(err)
+                    log.error(reason, extra={"queue": str(queue), "message_id": delivery.message_id})
+                    decision = Refusal(Settlement(Action.DEAD_LETTER, reason=reason), "rejected", Outcome.REJECTED)
                 self._experiments.create_task(self._process(delivery, decision))
         except QueueGone:
             log.info("queue disappeared", extra={"queue": str(queue)})
@@ -420,7 +425,7 @@ class Runner:
         clear resource header fits now, so a request that cannot run here costs no RSA work."""
         assert self._privacy is not None and self.intake is not None and self.allocator is not None
         try:
-            envelope = self._privacy.envelope(delivery.body)
+            envelope = self._privacy.envelope(delivery.body, max_bytes=self.settings.max_message_size)
             if envelope is None:
                 return delivery.body
             self.intake.remember(delivery.queue, envelope.needs)
@@ -445,7 +450,7 @@ class Runner:
         received = time.monotonic()
         queue = delivery.queue
         try:
-            request = parse_request(body)
+            request = parse_request(body, max_bytes=self.settings.max_message_size)
         except RequestError as err:
             return Refusal(
                 Settlement(Action.DEAD_LETTER, reason=f"invalid request: {err}"), "rejected", Outcome.REJECTED
@@ -467,6 +472,8 @@ class Runner:
             return Refusal(
                 Settlement(Action.REQUEUE, NO_FIT_DELAY, f"does not fit this runner: {never}"), "does_not_fit"
             )
+        if (too_many := too_many_deliveries(delivery.attempt, self.policy)) is not None:
+            return Refusal(Settlement(Action.DEAD_LETTER, reason=too_many), "max_deliveries", Outcome.REJECTED)
         allocation = self.allocator.try_allocate(needs)
         if allocation is None:
             return Refusal(Settlement(Action.REQUEUE, 0.0, "not enough free capacity right now"), "busy")
@@ -521,7 +528,7 @@ class Runner:
             raise
         except Exception as err:  # a bug here must not lose the message: requeue it with backoff
             log.exception("experiment failed inside the runner", extra=extra)
-            reason = f"runner error ({type(err).__name__}): {shorten(str(err))}"  # a sentence, not a repr
+            reason = f"runner error ({type(err).__name__}): {clip(str(err))}"  # a sentence, not a repr
             result = ExperimentResult(Outcome.INFRASTRUCTURE, reason)
         finally:
             self.allocator.release(decision.allocation)

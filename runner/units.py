@@ -1,15 +1,23 @@
-"""Sizes and durations in the notations StudioML users already write.
+r"""Sizes and durations in the notations StudioML users already write.
 
 Sizes follow go-humanize's ``ParseBytes`` (what the Go runner and its users' manifests rely on: ``16gib``,
 ``512gb``, ``10Gib``, ``1.5 GB``, ``4g``); durations follow Go's ``time.ParseDuration`` (``1h30m``, ``90s``,
 ``250ms``) plus a ``d`` unit for days, which StudioML's own python code accepts. They are small parsers of our own
 because exact compatibility with those two Go functions matters more than anything a generic library offers.
+
+Both read untrusted text (a request's ``ram`` or ``max_duration``), so both are linear in their input: the text is
+stripped first, anything longer than :data:`LONGEST_UNIT_TEXT` is refused before a pattern runs, and the patterns
+have no two quantifiers that could match the same characters (the old size pattern's ``\s*([a-zA-Z]*)\s*$`` took
+10 s on ``"1" + " " * 60000 + "!"``). A value that overflows is an error, never infinity.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Final
+
+from runner.clip import clip_repr
 
 _SIZE_UNITS: dict[str, int] = {
     "": 1,
@@ -43,21 +51,33 @@ _SIZE_UNITS: dict[str, int] = {
 SIZE_FORM = "a byte size such as 512mb, 16gib, 10Gib or 1.5 GB"
 DURATION_FORM = "a duration such as 90s, 20m, 1h30m or 2d"
 
-_SIZE_RE = re.compile(r"^\s*([0-9][0-9,]*(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+# Real sizes and durations are under 20 characters ("1h30m10.5s", "1,000 GiB"); this bounds every parse.
+LONGEST_UNIT_TEXT: Final = 64
+# Used with fullmatch on stripped text: digits/commas/dot, then spaces, then letters -- disjoint classes.
+_SIZE_RE: Final = re.compile(r"([0-9][0-9,]*(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)")
+# Go's time.Duration is int64 nanoseconds: about 292 years.
+LONGEST_DURATION_SECONDS: Final = (2**63 - 1) / 1e9
+
+
+def _stripped(text: str, form: str) -> str:
+    s = text.strip()
+    if len(s) > LONGEST_UNIT_TEXT:
+        raise ValueError(f"{clip_repr(text, 40)} is {len(s)} characters long, not {form}")
+    return s
 
 
 def parse_size(text: str) -> int:
     """Parse a byte size like go-humanize: decimal (kb, gb) and binary (kib, gib) units, any case."""
-    match = _SIZE_RE.match(text)
+    match = _SIZE_RE.fullmatch(_stripped(text, SIZE_FORM))
     if match is None:
-        raise ValueError(f"{text!r} is not {SIZE_FORM}")
+        raise ValueError(f"{clip_repr(text, 40)} is not {SIZE_FORM}")
     number, unit = match.groups()
     multiplier = _SIZE_UNITS.get(unit.lower())
     if multiplier is None:
-        raise ValueError(f"{text!r} has an unknown size unit {unit!r}; expected {SIZE_FORM}")
+        raise ValueError(f"{clip_repr(text, 40)} has an unknown size unit {unit!r}; expected {SIZE_FORM}")
     value = float(number.replace(",", "")) * multiplier
     if value >= 2**64:
-        raise ValueError(f"{text!r} is too large")
+        raise ValueError(f"{clip_repr(text, 40)} is too large")
     return int(value)
 
 
@@ -72,14 +92,15 @@ _DURATION_UNITS: dict[str, float] = {
     "h": 3600.0,
     "d": 86400.0,
 }
-_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h|d)")
+# Digits, an optional fraction, a unit: no two parts match the same characters, so a failed match costs its length.
+_DURATION_PART: Final = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h|d)")
 
 
 def parse_duration(text: str) -> float:
     """Parse a Go duration (``1h30m``, ``1.5s``, ``300ms``) into seconds; ``d`` means 24 hours."""
-    s = text.strip()
+    s = _stripped(text, DURATION_FORM)
     if not s:
-        raise ValueError(f"{text!r} is not {DURATION_FORM}")
+        raise ValueError(f"{clip_repr(text, 40)} is not {DURATION_FORM}")
     sign = 1.0
     if s[0] in "+-":
         sign = -1.0 if s[0] == "-" else 1.0
@@ -91,9 +112,11 @@ def parse_duration(text: str) -> float:
     while pos < len(s):
         match = _DURATION_PART.match(s, pos)
         if match is None or match.group(1) in ("", "."):
-            raise ValueError(f"{text!r} is not {DURATION_FORM}")
+            raise ValueError(f"{clip_repr(text, 40)} is not {DURATION_FORM}")
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
+    if not math.isfinite(total) or total > LONGEST_DURATION_SECONDS:
+        raise ValueError(f"{clip_repr(text, 40)} is longer than the longest duration, about 292 years")
     return sign * total
 
 

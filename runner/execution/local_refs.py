@@ -22,8 +22,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from runner.clip import clip
 from runner.execution.envtypes import EnvBuildError
-from runner.truncate import shorten
 
 _REMOTE = re.compile(r"^https?://[^/\s]", re.IGNORECASE)
 _VCS_REMOTE = re.compile(r"^(?:git|hg|svn|bzr)\+(?:https?|ssh|git|svn|sftp|ftp|lp)[:/]", re.IGNORECASE)
@@ -98,7 +98,7 @@ class RefusedRequirements(EnvBuildError):
 
 def shown_line(line: str) -> str:
     """A requirement line as it appears in warnings and reasons: quoted, and cut when it is long."""
-    return repr(shorten(line, 200))
+    return repr(clip(line, 200))
 
 
 def local_reference(line: str) -> LocalReference | None:
@@ -112,7 +112,7 @@ def local_reference(line: str) -> LocalReference | None:
         return _refuse("it holds a NUL byte")
     if (unset := _ENV_REFERENCE.search(line)) is not None:
         return _refuse(
-            f"{shorten(unset.group(), 40)} is not set in config.env, and the build tools would fill it in from "
+            f"{clip(unset.group(), 40)} is not set in config.env, and the build tools would fill it in from "
             "this runner's own environment"
         )
     tokens = _tokens(line)
@@ -161,12 +161,12 @@ def _options(tokens: list[str]) -> LocalReference | None:
         if option in ("requirement", "constraint"):
             # Not even from a URL: an included file may itself say -r /etc/passwd, and the tools would read that.
             return _refuse(
-                f"--{option} includes another file ({shorten(value, 100)!r}), which is not read here; list its "
+                f"--{option} includes another file ({clip(value, 100)!r}), which is not read here; list its "
                 "requirements in pythonenv or config.pip instead"
             )
         if not _REMOTE.match(value):
             return _refuse(
-                f"--{option} names a file or directory on this runner ({shorten(value, 100)!r}); only an http(s) "
+                f"--{option} names a file or directory on this runner ({clip(value, 100)!r}); only an http(s) "
                 "URL may follow -f, --index-url and --extra-index-url"
             )
     return None
@@ -206,7 +206,7 @@ def _requirement(line: str, tokens: list[str]) -> LocalReference | None:
         if _URL_SCHEME.match(url) and not re.match(r"^[A-Za-z]:[\\/]", url):
             # ``name @ file:///...``: what pip freeze writes for a package installed from the submitter's disk.
             return LocalReference(Verdict.SKIP, "a package installed from the submitter's disk")
-        return _refuse(f"it names a local path ({shorten(url, 100)!r}) instead of a URL")
+        return _refuse(f"it names a local path ({clip(url, 100)!r}) instead of a URL")
     head = tokens[0]
     if named is not None and (not rest or rest[0] in "(<>=!~;"):
         if head.lower().endswith(_ARCHIVE_SUFFIXES) and not rest:
@@ -215,7 +215,5 @@ def _requirement(line: str, tokens: list[str]) -> LocalReference | None:
     if _remote(head):
         return None
     if _URL_SCHEME.match(head) and not re.match(r"^[A-Za-z]:[\\/]", head):
-        return _refuse(f"it names a local location ({shorten(head, 100)!r}); only http(s) and VCS URLs are fetched")
-    return _refuse(
-        f"it names a local path ({shorten(head, 100)!r}); only packages from an index or a URL are installed"
-    )
+        return _refuse(f"it names a local location ({clip(head, 100)!r}); only http(s) and VCS URLs are fetched")
+    return _refuse(f"it names a local path ({clip(head, 100)!r}); only packages from an index or a URL are installed")

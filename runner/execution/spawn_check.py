@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from runner.truncate import shorten
+from runner.clip import clip
 
 # Linux: MAX_ARG_STRLEN, the most one argument or one NAME=value entry may hold (32 pages).
 MAX_ARG_BYTES = 32 * 4096
@@ -27,7 +27,7 @@ def spawn_problem(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
     for name, value in env.items():
         problem = _string_problem(f"{name}={value}")
         if problem:
-            return f"environment variable {shorten(repr(name), 60)} {problem}"
+            return f"environment variable {clip(repr(name), 60)} {problem}"
     total = sum(len(os.fsencode(s)) + 1 for s in argv) + sum(len(os.fsencode(f"{n}={v}")) + 1 for n, v in env.items())
     limit = _arg_max()
     if limit and total > limit:

@@ -35,10 +35,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
+from runner.clip import clip
 from runner.storage import parallel_extract
 from runner.storage.base import StorageError
 from runner.storage.budget import ENTRY_COST, DiskBudget, OverBudget
-from runner.truncate import shorten
 from runner.units import format_size
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def _extract(
         else:
             tf.extractall(dest, members=members, filter="data")
     except tarfile.FilterError as err:
-        raise UnsafeArchive(f"unsafe entry in {archive.name}: {shorten(str(err))}") from None
+        raise UnsafeArchive(f"unsafe entry in {archive.name}: {clip(str(err))}") from None
     except OSError as err:
         if not _is_corrupt(err):
             raise
@@ -303,7 +303,7 @@ def _data_size(member: tarfile.TarInfo) -> int:
 
 
 def _describe(err: BaseException) -> str:
-    return shorten(str(err) or type(err).__name__)
+    return clip(str(err) or type(err).__name__)
 
 
 def _parts(path: str) -> list[str]:
@@ -317,10 +317,10 @@ def _validate(members: list[tarfile.TarInfo], archive_name: str, dest: Path) -> 
     for member in members:
         reason = _unsafe_reason(member, links)
         if reason:
-            raise UnsafeArchive(f"unsafe entry {shorten(repr(member.name))} in {archive_name}: {reason}")
+            raise UnsafeArchive(f"unsafe entry {clip(repr(member.name))} in {archive_name}: {reason}")
         reason = _unwritable_reason(member, room)
         if reason:
-            raise ArchiveError(f"entry {shorten(repr(member.name))} in {archive_name} cannot be unpacked: {reason}")
+            raise ArchiveError(f"entry {clip(repr(member.name))} in {archive_name} cannot be unpacked: {reason}")
 
 
 def _unwritable_reason(member: tarfile.TarInfo, room: int) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
+from runner.clip import clip
 from runner.request import Artifact
 from runner.storage.archive import (
     ArchiveError,
@@ -47,7 +48,6 @@ from runner.storage.cache import ArtifactCache
 from runner.storage.file import local_storage_error, path_of
 from runner.storage.growing import GrowingFile, PackingStopped, run_thread_to_end
 from runner.storage.transfer import leaf_errors
-from runner.truncate import shorten
 from runner.units import format_size
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class ArtifactIO:
             raise UnusableObject(f"artifact '{artifact.label}' has no bucket or object key in {_shown(url)}")
         if scheme not in self._stores:
             raise UnusableObject(
-                f"artifact '{artifact.label}' ({_shown(url)}): unsupported scheme {shorten(repr(scheme), 40)}"
+                f"artifact '{artifact.label}' ({_shown(url)}): unsupported scheme {clip(repr(scheme), 40)}"
             )
         return url
 
@@ -332,5 +332,5 @@ def _shown(url: str) -> str:
     """A URL fit for logs and errors: any ``user:password@`` removed."""
     parts = urlsplit(url)
     if "@" not in parts.netloc:
-        return shorten(url)
-    return shorten(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+        return clip(url)
+    return clip(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))

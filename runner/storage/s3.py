@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from runner.clip import clip
 from runner.request import AwsCredentials
 from runner.storage.base import (
     AccessDenied,
@@ -64,7 +65,6 @@ from runner.storage.s3_checks import (
 )
 from runner.storage.s3_endpoints import SCHEME, Endpoint, S3Location, TlsOptions, describe_credentials, locate
 from runner.storage.transfer import TransferPool, leaf_errors, with_retries
-from runner.truncate import shorten
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +181,11 @@ def _translate(err: BaseException, loc: S3Location, action: str, credentials: Aw
     """The storage error a caller sees for a failure of ``action`` on ``loc``; other errors pass unchanged."""
     from botocore import exceptions as bx
 
-    where = shorten(loc.url)
+    where = clip(loc.url)
     if isinstance(err, StorageError):
         return err
     if isinstance(err, bx.ParamValidationError):  # refused by botocore before sending: an invalid bucket name, ...
-        return UnusableObject(f"{where}: {action} impossible: {shorten(str(err).replace(chr(10), ' '))}")
+        return UnusableObject(f"{where}: {action} impossible: {clip(str(err).replace(chr(10), ' '))}")
     if isinstance(err, bx.ClientError):
         code, status, message = _error_code(err)
         detail = f"{code}: {message}" if message and message != code else code

@@ -169,7 +169,7 @@ async def test_a_request_without_a_workspace_fails_instead_of_being_retried(lab:
 async def test_a_5000_character_member_name_fails_with_a_short_reason(lab: Lab) -> None:
     url = lab.workspace({"train.py": TRAIN.encode(), "a" * 5000: b"x"})
     result = await lab.run(lab.request(workspace=url))
-    assert_failed_for(result, "artifact 'workspace'", "cannot be unpacked", "more chars)")
+    assert_failed_for(result, "artifact 'workspace'", "cannot be unpacked", "more characters)")
 
 
 async def test_a_directory_url_for_the_workspace_fails(lab: Lab) -> None:

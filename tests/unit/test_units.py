@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from runner.units import format_duration, parse_duration, parse_size
@@ -74,3 +76,47 @@ def test_durations_render_in_go_style() -> None:
 def test_any_float_renders_as_a_duration_without_raising(seconds: float, shown: str) -> None:
     # Such values come from requests (a max_duration of 400 digits parses to infinity) and end up in reasons.
     assert format_duration(seconds) == shown
+
+
+# --- untrusted text: every parse is linear, bounded and finite -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1" + " " * 60_000 + "!",  # took 10 s with the old size pattern
+        "1" + " " * 100_000 + "!",
+        " " * 100_000,
+        "1" * 100_000 + "gb",
+        "1," * 50_000,
+        "1" + "\t" * 30 + "x" * 30 + "!",
+    ],
+)
+def test_a_long_or_hostile_size_is_refused_at_once(text: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as refused:
+        parse_size(text)
+    assert time.perf_counter() - started < 0.5  # milliseconds in fact; generous for a loaded machine
+    assert len(str(refused.value)) < 200  # the value is clipped in the message
+
+
+@pytest.mark.parametrize("text", ["1" * 100_000 + "h", "1h" * 50_000, "9" * 60 + "h", "1" * 40 + "d", "." * 100_000])
+def test_a_long_or_overflowing_duration_is_refused_at_once(text: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as refused:
+        parse_duration(text)
+    assert time.perf_counter() - started < 0.5
+    assert len(str(refused.value)) < 200
+
+
+def test_durations_stop_at_gos_longest() -> None:
+    assert parse_duration("2562047h") == pytest.approx(2562047 * 3600.0)  # Go's maximum, about 292 years
+    with pytest.raises(ValueError, match="longest duration"):
+        parse_duration("2562048h")
+    with pytest.raises(ValueError, match="longest duration"):
+        parse_duration("-2562048h")
+
+
+def test_sizes_with_spaces_around_and_inside_still_parse() -> None:
+    assert parse_size("  1.5   GB \n") == int(1.5 * 10**9)
+    assert parse_size("\t16gib") == 16 * 2**30

@@ -150,7 +150,7 @@ def test_a_name_the_filesystem_cannot_hold_is_refused_before_anything_is_written
     message = str(caught.value)
     assert reason in message and "cannot be unpacked" in message
     if len(name) > 400:
-        assert len(message) < 500 and "more chars)" in message  # the name is not echoed whole
+        assert len(message) < 500 and "more characters)" in message  # the name is not echoed whole
     assert not (tmp_path / "ws").exists()
 
 
