@@ -5,6 +5,7 @@ whose runners keep dying once it was delivered more often than --max-deliveries 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -130,21 +131,21 @@ def test_a_message_whose_runners_keep_dying_is_dead_lettered_after_max_deliverie
         wait_until(pid_file.exists, 120, f"attempt {attempt} to start")
         wait_until(lambda: pid_file.read_text().strip(), 10, "the experiment's pid")
         experiment_pid = int(pid_file.read_text())
-        # The runner dies as an out-of-memory kill would take it; its experiment (its own process group) is ended
-        # by id, as a pod's end would end it.
+        # The runner dies as an out-of-memory kill would take it; its experiment dies with it (PR_SET_PDEATHSIG), or
+        # else is ended by id, as a pod's end would end it.
         doomed.proc.kill()
         doomed.proc.wait(30)
-        group = os.getpgid(experiment_pid)
-        assert group != os.getpgrp()
-        os.killpg(group, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(experiment_pid, signal.SIGKILL)
         pid_file.unlink()
     last = sandbox.start("--max-deliveries", "2")
     dead = sandbox.queue_root / ".dead" / QUEUE
     wait_until(lambda: list(dead.glob("*.reason.json")) if dead.is_dir() else [], 120, "the message dead-lettered")
     (reason_file,) = dead.glob("*.reason.json")
     record = json.loads(reason_file.read_text())
-    assert "delivered 3 times, more than --max-deliveries (2) allows" in record["reason"]
-    assert record["attempt"] == 3
+    # The local queue counts the runners that died holding it (docs/reliability.md#containment) and dead-letters it
+    # as it is claimed; other brokers count deliveries (runner/poison.py, tests/unit/test_poison.py).
+    assert "its runner died while holding it 2 times" in record["reason"]
     assert not pid_file.exists(), "the third delivery did not run"
     assert key in (dead / reason_file.name.removesuffix(".reason.json")).read_text()
     last.stop()
