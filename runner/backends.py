@@ -68,9 +68,7 @@ async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker
 def make_stores(settings: Settings) -> dict[str, ObjectStore]:
     """Object stores by URL scheme."""
     stores: dict[str, ObjectStore] = {"file": FileStore(settings.file_roots)}
-    if not settings.file_roots and (
-        settings.amqp_url or settings.sqs_certs or settings.aws_region or settings.pubsub_project
-    ):
+    if not settings.file_roots and settings.shared_broker:
         log.warning(
             "file:// artifacts may name any path this runner can read or write; with a shared broker, limit them "
             "with --file-roots (or FILE_ROOTS)"

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
+from runner.execution.sandbox import Confinement, Sandbox, SandboxError
 from runner.logs import event_fields
 from runner.metrics import Metrics
 from runner.outcome import EXIT_TEMPFAIL, Outcome
@@ -66,6 +67,8 @@ class Tools:
     settings: LifecycleSettings
     # The StudioML client's metadata records (status running/finished); disabled unless the service provides them.
     status_records: StatusRecords = field(default_factory=StatusRecords.disabled)
+    # How experiments are confined (docs/security.md); the default confines nothing.
+    sandbox: Sandbox = field(default_factory=Sandbox)
 
 
 @dataclass
@@ -167,10 +170,14 @@ class Experiment:
 
         argv = experiment_argv(env.python, exp.filename, exp.args)
         process_env = await asyncio.to_thread(self._process_environment, env)
+        confinement = await self._confine(env)
         phase = time.monotonic()
         self.tools.metrics.dispatch_seconds.observe(phase - self.received_at)
         self._log("process starting", python=str(env.python), script=exp.filename)
-        process = await self._supervise(argv, process_env, deadline)
+        try:
+            process = await self._supervise(argv, process_env, deadline, confinement)
+        finally:
+            confinement.close()
         self.tools.metrics.phase_seconds.labels("run").observe(time.monotonic() - phase)
         return self._judge(process, limit_text)
 
@@ -264,6 +271,7 @@ class Experiment:
         home.mkdir(exist_ok=True)
         cores = self.allocation.cores if self.allocation else 1
         extra = {
+            **self.tools.sandbox.environment(self.dir / "_runner"),
             "STUDIOML_EXPERIMENT": self.key,
             "STUDIOML_HOME": str(home),
             "STUDIOML_ARTIFACT_MAPPING": str(mapping),
@@ -284,7 +292,16 @@ class Experiment:
         environment["PATH"] = f"{env.bin_dir}:{environment.get('PATH', '/usr/bin:/bin')}"
         return environment
 
-    async def _supervise(self, argv: list[str], env: dict[str, str], deadline: float | None) -> ProcessResult:
+    async def _confine(self, env: PythonEnv) -> Confinement:
+        shared = self.tools.envs.entry(env.key).root
+        try:
+            return await asyncio.to_thread(self.tools.sandbox.confine, self.dir, python=env.python, environment=shared)
+        except (SandboxError, OSError) as err:
+            await self._abort(Outcome.INFRASTRUCTURE, f"cannot sandbox the experiment: {err}")
+
+    async def _supervise(
+        self, argv: list[str], env: dict[str, str], deadline: float | None, confinement: Confinement
+    ) -> ProcessResult:
         finished = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.record.started())  # beside the process: a slow metadata store must not delay it
@@ -302,6 +319,7 @@ class Experiment:
                     stop=self.stop,
                     interrupt=self.interrupt,
                     grace=self.tools.settings.stop_grace,
+                    spawn=confinement.spawn,
                 )
             finally:
                 finished.set()

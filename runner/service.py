@@ -31,6 +31,7 @@ from typing import Any
 from runner import backends
 from runner.config import Settings
 from runner.execution.pythonenv import EnvCache
+from runner.execution.sandbox import Sandbox, SandboxError
 from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, Tools
 from runner.http import HttpServer, HttpView
 from runner.intake import Intake
@@ -124,6 +125,7 @@ class Runner:
         s = self.settings
         async with AsyncExitStack() as stack:
             await asyncio.to_thread(_make_dirs, s)
+            sandbox = await self._sandbox()
             capacity = await asyncio.to_thread(
                 host.measure, s.working_dir, max_cores=s.max_cores, max_mem=s.max_mem, max_disk=s.max_disk
             )
@@ -149,6 +151,7 @@ class Runner:
                 runner_env=self.environ,
                 host=self.host,
                 status_records=backends.make_status_records(s, stores),
+                sandbox=sandbox,
                 settings=LifecycleSettings(
                     working_dir=s.working_dir,
                     stop_grace=s.stop_grace,
@@ -192,6 +195,13 @@ class Runner:
                     watchdog.cancel()
                     gpu_faults.cancel()
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
+
+    async def _sandbox(self) -> Sandbox:
+        try:
+            return await asyncio.to_thread(Sandbox.for_runner, self.settings, self.environ)
+        except SandboxError as err:
+            log.error(f"refusing to start: {err}", extra={"host": self.host})
+            raise StartupRefused(str(err)) from None
 
     def _without_gpus(self, gpus: gpu.GpuInventory) -> gpu.GpuInventory:
         """No usable GPU was found: serve CPU-only work where no NVIDIA driver is installed at all (a workstation, a

@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -206,6 +207,36 @@ def _redact_assignment(line: str) -> str:
     return line
 
 
+@dataclass(frozen=True)
+class Spawn:
+    """How the process starts beyond its command line, environment and directory.
+
+    ``child_setup`` steps run in order in the child between fork and exec (see runner/execution/sandbox.py). The
+    child is a copy of the multi-threaded runner whose other threads are gone, possibly holding locks: a step only
+    calls functions resolved before the fork, never imports, logs or takes a lock; it raises to prevent the exec.
+    ``uid``/``gid`` run the process as another user (and no supplementary group); only root can.
+    """
+
+    child_setup: tuple[Callable[[], None], ...] = ()
+    uid: int | None = None
+    gid: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``subprocess_exec`` (that is, ``subprocess.Popen``)."""
+        options: dict[str, Any] = {}
+        if self.child_setup:
+            steps = self.child_setup
+
+            def child_setup() -> None:
+                for step in steps:
+                    step()
+
+            options["preexec_fn"] = child_setup
+        if self.uid is not None:
+            options.update(user=self.uid, group=self.gid, extra_groups=[])
+        return options
+
+
 @dataclass
 class ProcessResult:
     exit_code: int | None  # None when the process was killed by a signal
@@ -368,6 +399,7 @@ async def run_process(
     grace: float = 30.0,
     on_line: Callable[[str], None] | None = None,
     drain: float = 5.0,
+    spawn: Spawn = Spawn(),
 ) -> ProcessResult:
     """Run ``argv`` to the end and report how it ended; its output is appended to ``output``.
 
@@ -375,7 +407,8 @@ async def run_process(
     ``interrupt`` (``interrupted``) is set, the process group gets SIGTERM, then SIGKILL after ``grace`` seconds.
     Whatever was left in the group after the process exited is killed, and output still held open by processes
     that left the group is abandoned after ``drain`` seconds. If the calling task is cancelled, the group is killed
-    and the cancellation propagates. Raises ``OSError`` when the program cannot be started.
+    and the cancellation propagates. ``spawn`` adds the user and the child setup steps (the sandbox). Raises
+    ``OSError`` when the program cannot be started.
     """
     loop = asyncio.get_running_loop()
     file = await asyncio.to_thread(_open_output, output)
@@ -385,7 +418,7 @@ async def run_process(
         if early is not None:
             out.note(f"{_WHY[early]} before the process started: not started")
             return ProcessResult(exit_code=None, signal=None, reason=early, duration=0.0, tail=list(out.tail))
-        return await _supervise(loop, argv, cwd, env, out, deadline, stop, interrupt, grace, drain)
+        return await _supervise(loop, argv, cwd, env, out, deadline, stop, interrupt, grace, drain, spawn)
     finally:
         try:
             file.close()
@@ -410,6 +443,7 @@ async def _supervise(
     interrupt: asyncio.Event,
     grace: float,
     drain: float,
+    spawn: Spawn,
 ) -> ProcessResult:
     started = loop.time()
     try:
@@ -423,10 +457,14 @@ async def _supervise(
             # One pipe for both streams keeps a traceback in its place among the prints.
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group, so that signals reach everything it started
+            **spawn.options(),
         )
     except OSError as err:
         out.note(f"could not start {argv[0]}: {err}")
         raise
+    except subprocess.SubprocessError as err:  # a child setup step refused: the program was not run
+        out.note(f"could not start {argv[0]}: {err}")
+        raise OSError(f"could not start {argv[0]}: {err}") from err
     pgid = transport.get_pid()  # the session leader's pid is its process group id
     swept = False
     reason: Reason = "exited"

@@ -1,0 +1,363 @@
+"""What an experiment's process may reach on this machine, and how the runner holds it to that (docs/security.md).
+
+The runner decides once, at start (:meth:`Sandbox.for_runner`), and confines each experiment as it starts
+(:meth:`Sandbox.confine`):
+
+* **Files** (Landlock): the experiment reads the system (``/usr``, ``/etc``, ...), ``/proc`` and ``/sys``, its
+  Python environment and interpreter, and the directories the operator grants (``--sandbox-read``); it reads and
+  writes its own directory (which holds its ``HOME`` and ``TMPDIR``) and ``/dev/shm``; it uses the basic devices
+  and the GPUs' device files. Everything else -- the runner's ``HOME`` and credential files, the queue root, the
+  caches, other experiments -- is refused, whatever the file modes say.
+* **Processes**: the runner is not dumpable (see privileges.py); a Landlock domain cannot ptrace, signal or reach the
+  abstract sockets of processes outside it; an experiment of a root runner runs without any capability, or as
+  ``--experiment-user``.
+* **Not isolated**: the network, GPU memory (shared by allocation only), ``/dev/shm`` between experiments, the
+  names and sizes of files (``stat`` is not covered by Landlock), other processes' command lines.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pwd
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.config import Settings
+from runner.execution import landlock
+from runner.execution.landlock import Access, Ruleset
+from runner.execution.privileges import drop_capabilities_step
+from runner.execution.process import Spawn
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
+
+# Read (and execute) for every experiment: the system's programs, libraries and configuration.
+SYSTEM_READ = tuple(Path(p) for p in ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc"))
+# Read only: the kernel's views. Other processes' environ, memory and fds stay closed (ptrace rules, see module doc).
+KERNEL_READ = (Path("/proc"), Path("/sys"))
+# Files some of /etc links to elsewhere (systemd-resolved's resolv.conf lives in /run): a file rule follows the link.
+LINKED_FILES = tuple(Path(p) for p in ("/etc/resolv.conf", "/etc/hosts", "/etc/localtime"))
+BASIC_DEVICES = tuple(Path("/dev") / name for name in ("null", "zero", "full", "random", "urandom", "tty"))
+# GPUs (NVIDIA's control, UVM and per-card files, MIG capabilities) and RDMA for multi-node training.
+DEVICE_PATTERNS = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/infiniband", "/dev/dri")
+SHARED_WRITE = (Path("/dev/shm"),)
+# The runner's allow-listed variables that name files an experiment is meant to read.
+_PATH_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CUDA_HOME")
+_PATH_LIST_VARIABLES = ("LD_LIBRARY_PATH",)
+# Credentials an experiment must never read; no grant may contain them.
+_CREDENTIAL_VARIABLES = (
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "CLOUDSDK_CONFIG",
+)
+_SECRET_MOUNTS = (Path("/var/run/secrets"), Path("/run/secrets"))
+
+
+class SandboxError(Exception):
+    """The sandbox cannot be set up as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ExperimentUser:
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def lookup(cls, text: str) -> ExperimentUser:
+        """A user by name or number; KeyError when this machine has no such user."""
+        text = text.strip()
+        entry = pwd.getpwuid(int(text)) if text.isascii() and text.isdigit() else pwd.getpwnam(text)
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+@dataclass
+class Confinement:
+    """One experiment's start options; close it once the process has started (or failed to)."""
+
+    spawn: Spawn
+    ruleset: Ruleset | None = None
+
+    def close(self) -> None:
+        if self.ruleset is not None:
+            self.ruleset.close()
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How this runner confines experiments. ``Sandbox()`` confines nothing (the sandbox is off)."""
+
+    landlock_abi: int = 0  # 0: no file rules
+    read_only: tuple[Path, ...] = ()
+    devices: tuple[Path, ...] = ()
+    shared_write: tuple[Path, ...] = ()
+    protected: tuple[Path, ...] = ()  # what no grant may contain
+    user: ExperimentUser | None = None
+    drop_capabilities: bool = False
+    own_home: bool = False
+    steps: tuple[Callable[[], None], ...] = field(default=(), compare=False)  # child steps shared by every start
+
+    # ------------------------------------------------------------------------------------------- per experiment
+
+    def environment(self, private: Path) -> dict[str, str]:
+        """Variables the experiment gets from the sandbox: its own ``HOME`` under ``private`` (created here), ...
+
+        A confined experiment could not use the runner's ``HOME`` anyway, and must not write to the runner's uv
+        cache (``UV_CACHE_DIR`` passes the allow-list): both go inside the experiment's directory.
+        """
+        if not self.own_home:
+            return {}
+        home = private / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {"HOME": str(home), "UV_CACHE_DIR": str(home / ".cache" / "uv")}
+        if self.user is not None:
+            env.update(USER=self.user.name, LOGNAME=self.user.name)
+        return env
+
+    def confine(self, experiment_dir: Path, *, python: Path, environment: Path) -> Confinement:
+        """Prepare the start of the experiment in ``experiment_dir`` running ``python`` (its virtualenv's link) on
+        the shared virtualenv ``environment``. Blocking: opens paths and, with an experiment user, hands the
+        directory over to it. Raises :class:`SandboxError` (or OSError) when the experiment cannot be confined."""
+        ruleset = self._ruleset(experiment_dir, python, environment) if self.landlock_abi else None
+        try:
+            if self.user is not None:
+                _check_reachable(self.user, python, environment)
+                _hand_over(experiment_dir, self.user)
+            steps = list(self.steps)
+            if ruleset is not None:
+                steps.append(ruleset.child_step())
+            user = self.user
+            spawn = Spawn(child_setup=tuple(steps), uid=user.uid if user else None, gid=user.gid if user else None)
+            return Confinement(spawn, ruleset)
+        except BaseException:
+            if ruleset is not None:
+                ruleset.close()
+            raise
+
+    def _ruleset(self, experiment_dir: Path, python: Path, environment: Path) -> Ruleset:
+        interpreter = Path(os.path.realpath(python))
+        prefix = interpreter.parent.parent  # .../bin/python3.11 -> the installation
+        own = [prefix, environment]
+        conflicts = _conflicts(own, self.protected)
+        if conflicts:
+            raise SandboxError(
+                f"cannot let the experiment read its Python: {'; '.join(conflicts)}; install the interpreter and "
+                "the environment cache outside the runner's own directories"
+            )
+        ruleset = Ruleset(self.landlock_abi)
+        try:
+            for path in (*self.read_only, *own):
+                _allow(ruleset, path, landlock.READ)
+            for path in self.devices:
+                _allow(ruleset, path, landlock.DEVICE)
+            for path in (*self.shared_write, experiment_dir):
+                _allow(ruleset, path, landlock.WRITE)
+        except BaseException:
+            ruleset.close()
+            raise
+        return ruleset
+
+    # ------------------------------------------------------------------------------------------- at start
+
+    @classmethod
+    def for_runner(
+        cls,
+        settings: Settings,
+        environ: Mapping[str, str],
+        *,
+        euid: int | None = None,
+        abi: tuple[int, str] | None = None,
+    ) -> Sandbox:
+        """The sandbox ``settings`` ask for on this machine (``euid`` and ``abi`` default to the real ones).
+
+        ``--sandbox auto`` is on for a runner that serves a network broker (anyone who can publish there is
+        untrusted) and off for local queues only. Without Landlock, ``on`` refuses to start and ``auto`` warns and
+        runs experiments without file rules. Raises :class:`SandboxError` for a configuration that cannot work.
+        """
+        euid = os.geteuid() if euid is None else euid
+        user = _experiment_user(settings, euid)
+        enabled = settings.sandbox == "on" or (settings.sandbox == "auto" and settings.shared_broker)
+        if not enabled:
+            if settings.sandbox == "auto":
+                log.info("experiments are not sandboxed: only local queues are served (--sandbox on to sandbox them)")
+            else:
+                log.warning("experiments are not sandboxed (--sandbox off): they can read what the runner can read")
+            return cls(user=user, own_home=user is not None)
+        version, why = landlock.abi_version() if abi is None else abi
+        if version < landlock.MIN_ABI:
+            why = why or f"the kernel's Landlock ABI {version} is older than the {landlock.MIN_ABI} the sandbox needs"
+            if settings.sandbox == "on":
+                raise SandboxError(f"--sandbox on, but {why}; turn it to auto to run experiments without file rules")
+            log.warning(f"experiments run without file rules: {why}; they can read what the runner's user can read")
+            version = 0
+        protected = _protected(settings, environ)
+        granted = _existing(SYSTEM_READ + KERNEL_READ + settings.sandbox_read)
+        conflicts = _conflicts(granted, protected)
+        if conflicts:
+            raise SandboxError(
+                "experiments would be able to read the runner's own files: "
+                + "; ".join(conflicts)
+                + " (choose --sandbox-read directories, or move those of the runner, so that they do not overlap)"
+            )
+        granted += _environment_paths(environ, protected)
+        drop = euid == 0 and user is None
+        sandbox = cls(
+            landlock_abi=version,
+            read_only=granted + _existing(LINKED_FILES),
+            devices=_existing(BASIC_DEVICES) + _devices(),
+            shared_write=_existing(SHARED_WRITE),
+            protected=protected,
+            user=user,
+            drop_capabilities=drop,
+            own_home=True,
+            steps=(drop_capabilities_step(),) if drop else (),
+        )
+        sandbox._announce(settings)
+        return sandbox
+
+    def _announce(self, settings: Settings) -> None:
+        if self.user is not None:
+            runs_as = f"user {self.user.name}"
+        elif self.drop_capabilities:
+            runs_as = "root without capabilities"
+        else:
+            runs_as = "the runner's user"
+        log.info(
+            "experiments are sandboxed",
+            extra={
+                "landlock_abi": self.landlock_abi,
+                "runs_as": runs_as,
+                "sandbox_read": ",".join(map(str, settings.sandbox_read)) or "none",
+            },
+        )
+        if self.drop_capabilities:
+            log.warning(
+                "the runner runs as root, so experiments run as root without capabilities: they may still read "
+                "root-owned files of the system directories (such as /etc/shadow); set --experiment-user to run them "
+                "as an unprivileged user"
+            )
+
+
+def _allow(ruleset: Ruleset, path: Path, access: Access) -> None:
+    try:
+        ruleset.allow(path, access)
+    except FileNotFoundError:  # a device unplugged, a directory removed since start: nothing to grant
+        log.debug("sandbox path gone: %s", path)
+
+
+def _existing(paths: Iterable[Path]) -> tuple[Path, ...]:
+    return tuple(path for path in paths if path.exists())
+
+
+def _devices() -> tuple[Path, ...]:
+    found: list[Path] = []
+    for pattern in DEVICE_PATTERNS:
+        found.extend(Path(p) for p in sorted(glob.glob(pattern)))
+    return tuple(found)
+
+
+def _protected(settings: Settings, environ: Mapping[str, str]) -> tuple[Path, ...]:
+    """The runner's own files: its directories, HOME and credential files, and the secrets mounted for it."""
+    paths = [settings.queue_root, settings.working_dir, settings.cache_dir, settings.env_cache_dir]
+    paths.extend(p for p in (settings.sqs_certs, settings.s3_cert, settings.s3_key) if p is not None)
+    paths.append(Path(environ.get("HOME") or Path.home()))
+    paths.extend(Path(environ[name]) for name in _CREDENTIAL_VARIABLES if environ.get(name, "").strip())
+    paths.extend(_SECRET_MOUNTS)
+    return tuple(Path(os.path.realpath(p)) for p in paths)
+
+
+def _conflicts(grants: Iterable[Path], protected: Iterable[Path]) -> list[str]:
+    """One sentence per granted path that holds a protected one (Landlock cannot take back part of a grant)."""
+    found: list[str] = []
+    for grant in grants:
+        real = Path(os.path.realpath(grant))
+        for path in protected:
+            if path == real or real in path.parents:
+                found.append(f"{grant} holds {path}")
+    return found
+
+
+def _environment_paths(environ: Mapping[str, str], protected: tuple[Path, ...]) -> tuple[Path, ...]:
+    """Files the runner's allow-listed variables point experiments to (CA bundles, CUDA), unless they hold secrets."""
+    candidates = [Path(environ[name]) for name in _PATH_VARIABLES if environ.get(name, "").strip()]
+    for name in _PATH_LIST_VARIABLES:
+        candidates.extend(Path(part) for part in environ.get(name, "").split(":") if part.strip())
+    granted: list[Path] = []
+    for path in candidates:
+        if not path.is_absolute() or not path.exists():
+            continue
+        if _conflicts([path], protected):
+            log.warning("not letting experiments read %s: it holds files of the runner", path)
+            continue
+        granted.append(path)
+    return tuple(granted)
+
+
+def _experiment_user(settings: Settings, euid: int) -> ExperimentUser | None:
+    if not settings.experiment_user:
+        return None
+    if euid != 0:
+        raise SandboxError(
+            "--experiment-user needs a runner started as root (only root can start another user's process)"
+        )
+    try:
+        user = ExperimentUser.lookup(settings.experiment_user)
+    except (KeyError, ValueError):
+        raise SandboxError(f"--experiment-user {settings.experiment_user!r} is not a user of this machine") from None
+    if user.uid == 0:
+        raise SandboxError("--experiment-user must not be root: leave it empty to run experiments as root")
+    settings.working_dir.joinpath("experiments").mkdir(parents=True, exist_ok=True)
+    blocked = [
+        f"{where} ({stuck})"
+        for where in (settings.working_dir / "experiments", settings.env_cache_dir)
+        if (stuck := _unreachable(where, user)) is not None
+    ]
+    if blocked:
+        raise SandboxError(
+            f"--experiment-user {user.name} cannot reach " + ", ".join(blocked) + ": give it search permission "
+            "(chmod o+x) or move --working-dir and --env-cache-dir out of the runner's home"
+        )
+    return user
+
+
+def _unreachable(path: Path, user: ExperimentUser) -> Path | None:
+    """The first directory on the way to ``path`` that ``user`` may not enter (its primary group only), or None."""
+    for directory in (*reversed(Path(os.path.realpath(path)).parents), Path(os.path.realpath(path))):
+        try:
+            info = directory.stat()
+        except FileNotFoundError:
+            return None  # created later by the runner, with its usual modes
+        if info.st_uid == user.uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid == user.gid:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return directory
+    return None
+
+
+def _check_reachable(user: ExperimentUser, python: Path, environment: Path) -> None:
+    for path in (Path(os.path.realpath(python)), environment):
+        stuck = _unreachable(path, user)
+        if stuck is not None:
+            raise SandboxError(f"--experiment-user {user.name} cannot reach {path}: {stuck} is closed to it")
+
+
+def _hand_over(directory: Path, user: ExperimentUser) -> None:
+    """Make the experiment's directory the experiment user's: it writes its outputs, HOME and tmp there.
+
+    Links are changed themselves, never followed: a workspace may hold a link to any file of the machine.
+    """
+    os.chown(directory, user.uid, user.gid, follow_symlinks=False)
+    for root, dirs, files in os.walk(directory):
+        for name in (*dirs, *files):
+            os.chown(os.path.join(root, name), user.uid, user.gid, follow_symlinks=False)
