@@ -198,7 +198,8 @@ class Runner:
 
     async def _sandbox(self) -> Sandbox:
         try:
-            return await asyncio.to_thread(Sandbox.for_runner, self.settings, self.environ)
+            options = backends.sandbox_options(self.settings)
+            return await asyncio.to_thread(Sandbox.for_runner, options, self.environ)
         except SandboxError as err:
             log.error(f"refusing to start: {err}", extra={"host": self.host})
             raise StartupRefused(str(err)) from None

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.config import Settings
 from runner.execution import landlock
 from runner.execution.landlock import Access, Ruleset
 from runner.execution.privileges import drop_capabilities_step
@@ -62,6 +61,20 @@ _SECRET_MOUNTS = (Path("/var/run/secrets"), Path("/run/secrets"))
 
 class SandboxError(Exception):
     """The sandbox cannot be set up as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """What the operator configured (``--sandbox``, ``--sandbox-read``, ``--experiment-user``) and the runner's own
+    files, which no grant may hold (backends.sandbox_options builds it from the settings)."""
+
+    mode: str  # auto | on | off
+    shared_broker: bool  # a network broker is served: auto means on
+    working_dir: Path  # an experiment user must reach its experiments/ and the environments
+    env_cache_dir: Path
+    read: tuple[Path, ...] = ()
+    experiment_user: str = ""
+    runner_files: tuple[Path, ...] = ()  # queue root, working dir, caches, certificates
 
 
 @dataclass(frozen=True)
@@ -169,23 +182,23 @@ class Sandbox:
     @classmethod
     def for_runner(
         cls,
-        settings: Settings,
+        options: SandboxOptions,
         environ: Mapping[str, str],
         *,
         euid: int | None = None,
         abi: tuple[int, str] | None = None,
     ) -> Sandbox:
-        """The sandbox ``settings`` ask for on this machine (``euid`` and ``abi`` default to the real ones).
+        """The sandbox ``options`` ask for on this machine (``euid`` and ``abi`` default to the real ones).
 
         ``--sandbox auto`` is on for a runner that serves a network broker (anyone who can publish there is
         untrusted) and off for local queues only. Without Landlock, ``on`` refuses to start and ``auto`` warns and
         runs experiments without file rules. Raises :class:`SandboxError` for a configuration that cannot work.
         """
         euid = os.geteuid() if euid is None else euid
-        user = _experiment_user(settings, euid)
-        enabled = settings.sandbox == "on" or (settings.sandbox == "auto" and settings.shared_broker)
+        user = _experiment_user(options, euid)
+        enabled = options.mode == "on" or (options.mode == "auto" and options.shared_broker)
         if not enabled:
-            if settings.sandbox == "auto":
+            if options.mode == "auto":
                 log.info("experiments are not sandboxed: only local queues are served (--sandbox on to sandbox them)")
             else:
                 log.warning("experiments are not sandboxed (--sandbox off): they can read what the runner can read")
@@ -193,12 +206,12 @@ class Sandbox:
         version, why = landlock.abi_version() if abi is None else abi
         if version < landlock.MIN_ABI:
             why = why or f"the kernel's Landlock ABI {version} is older than the {landlock.MIN_ABI} the sandbox needs"
-            if settings.sandbox == "on":
+            if options.mode == "on":
                 raise SandboxError(f"--sandbox on, but {why}; turn it to auto to run experiments without file rules")
             log.warning(f"experiments run without file rules: {why}; they can read what the runner's user can read")
             version = 0
-        protected = _protected(settings, environ)
-        granted = _existing(SYSTEM_READ + KERNEL_READ + settings.sandbox_read)
+        protected = _protected(options, environ)
+        granted = _existing(SYSTEM_READ + KERNEL_READ + options.read)
         conflicts = _conflicts(granted, protected)
         if conflicts:
             raise SandboxError(
@@ -219,10 +232,10 @@ class Sandbox:
             own_home=True,
             steps=(drop_capabilities_step(),) if drop else (),
         )
-        sandbox._announce(settings)
+        sandbox._announce(options)
         return sandbox
 
-    def _announce(self, settings: Settings) -> None:
+    def _announce(self, options: SandboxOptions) -> None:
         if self.user is not None:
             runs_as = f"user {self.user.name}"
         elif self.drop_capabilities:
@@ -234,7 +247,7 @@ class Sandbox:
             extra={
                 "landlock_abi": self.landlock_abi,
                 "runs_as": runs_as,
-                "sandbox_read": ",".join(map(str, settings.sandbox_read)) or "none",
+                "sandbox_read": ",".join(map(str, options.read)) or "none",
             },
         )
         if self.drop_capabilities:
@@ -263,10 +276,9 @@ def _devices() -> tuple[Path, ...]:
     return tuple(found)
 
 
-def _protected(settings: Settings, environ: Mapping[str, str]) -> tuple[Path, ...]:
+def _protected(options: SandboxOptions, environ: Mapping[str, str]) -> tuple[Path, ...]:
     """The runner's own files: its directories, HOME and credential files, and the secrets mounted for it."""
-    paths = [settings.queue_root, settings.working_dir, settings.cache_dir, settings.env_cache_dir]
-    paths.extend(p for p in (settings.sqs_certs, settings.s3_cert, settings.s3_key) if p is not None)
+    paths = list(options.runner_files)
     paths.append(Path(environ.get("HOME") or Path.home()))
     paths.extend(Path(environ[name]) for name in _CREDENTIAL_VARIABLES if environ.get(name, "").strip())
     paths.extend(_SECRET_MOUNTS)
@@ -300,23 +312,23 @@ def _environment_paths(environ: Mapping[str, str], protected: tuple[Path, ...]) 
     return tuple(granted)
 
 
-def _experiment_user(settings: Settings, euid: int) -> ExperimentUser | None:
-    if not settings.experiment_user:
+def _experiment_user(options: SandboxOptions, euid: int) -> ExperimentUser | None:
+    if not options.experiment_user:
         return None
     if euid != 0:
         raise SandboxError(
             "--experiment-user needs a runner started as root (only root can start another user's process)"
         )
     try:
-        user = ExperimentUser.lookup(settings.experiment_user)
+        user = ExperimentUser.lookup(options.experiment_user)
     except (KeyError, ValueError):
-        raise SandboxError(f"--experiment-user {settings.experiment_user!r} is not a user of this machine") from None
+        raise SandboxError(f"--experiment-user {options.experiment_user!r} is not a user of this machine") from None
     if user.uid == 0:
         raise SandboxError("--experiment-user must not be root: leave it empty to run experiments as root")
-    settings.working_dir.joinpath("experiments").mkdir(parents=True, exist_ok=True)
+    options.working_dir.joinpath("experiments").mkdir(parents=True, exist_ok=True)
     blocked = [
         f"{where} ({stuck})"
-        for where in (settings.working_dir / "experiments", settings.env_cache_dir)
+        for where in (options.working_dir / "experiments", options.env_cache_dir)
         if (stuck := _unreachable(where, user)) is not None
     ]
     if blocked:

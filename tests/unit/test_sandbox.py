@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from runner.backends import sandbox_options
 from runner.config import Settings, load_settings
 from runner.execution import landlock
 from runner.execution.process import SecretFilter, Spawn, build_environment, run_process
-from runner.execution.sandbox import Sandbox, SandboxError
+from runner.execution.sandbox import Sandbox, SandboxError, SandboxOptions
 
 ABI, WHY = landlock.abi_version()
 needs_landlock = pytest.mark.skipif(ABI < landlock.MIN_ABI, reason=f"no usable Landlock here: {WHY}")
@@ -61,6 +62,10 @@ class World:
     root: Path
     settings: Settings
     environ: dict[str, str]
+
+    @property
+    def options(self) -> SandboxOptions:
+        return sandbox_options(self.settings)
 
     @property
     def experiment_dir(self) -> Path:
@@ -149,7 +154,7 @@ def probe(
 
 @needs_landlock
 def test_a_sandboxed_experiment_cannot_read_the_runners_secrets_queue_caches_or_other_experiments(world: World) -> None:
-    sandbox = Sandbox.for_runner(world.settings, world.environ)
+    sandbox = Sandbox.for_runner(world.options, world.environ)
     root = world.root
     seen = probe(
         world,
@@ -197,7 +202,7 @@ def test_without_the_sandbox_the_same_experiment_reads_all_of_it(world: World) -
 
 @needs_landlock
 def test_a_sandboxed_experiment_reads_its_dir_its_environment_the_system_and_granted_dirs(world: World) -> None:
-    sandbox = Sandbox.for_runner(world.settings, world.environ)
+    sandbox = Sandbox.for_runner(world.options, world.environ)
     site_file = Path(json.__file__)  # the interpreter's standard library
     seen = probe(
         world,
@@ -220,7 +225,7 @@ def test_a_sandboxed_experiment_reads_its_dir_its_environment_the_system_and_gra
 
 @needs_landlock
 def test_the_experiment_gets_its_own_home_and_tmp_and_no_uv_cache_of_the_runner(world: World) -> None:
-    sandbox = Sandbox.for_runner(world.settings, world.environ | {"UV_CACHE_DIR": str(world.root / "envs")})
+    sandbox = Sandbox.for_runner(world.options, world.environ | {"UV_CACHE_DIR": str(world.root / "envs")})
     env, private = prepare(sandbox, world)
     assert env["HOME"] == str(private / "home") and (private / "home").is_dir()
     assert env["TMPDIR"] == str(private / "tmp")
@@ -229,7 +234,7 @@ def test_the_experiment_gets_its_own_home_and_tmp_and_no_uv_cache_of_the_runner(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="capabilities are dropped for experiments of a root runner only")
 def test_experiments_of_a_root_runner_have_no_capability(world: World) -> None:
-    sandbox = Sandbox.for_runner(world.settings, world.environ, abi=(ABI, WHY) if ABI >= 2 else (0, "none"))
+    sandbox = Sandbox.for_runner(world.options, world.environ)
     assert sandbox.drop_capabilities
     env, _ = prepare(sandbox, world)
     confinement = sandbox.confine(world.experiment_dir, python=Path(sys.executable), environment=Path(sys.prefix))
@@ -269,7 +274,7 @@ def test_an_experiment_user_owns_the_experiment_dir_and_cannot_read_the_runners_
     world = make_world(open_root, "--experiment-user", "nobody", "--sandbox-read", str(open_root / "datasets"))
     for path in (open_root / "home", open_root / "queue"):
         path.chmod(0o755)  # readable by everyone: Landlock, not the file modes, keeps them out
-    sandbox = Sandbox.for_runner(world.settings, world.environ)
+    sandbox = Sandbox.for_runner(world.options, world.environ)
     assert sandbox.user is not None and sandbox.user.name == "nobody" and not sandbox.drop_capabilities
     python = Path("/usr/bin/python3")
     if not python.exists():
@@ -300,13 +305,13 @@ def test_an_experiment_user_owns_the_experiment_dir_and_cannot_read_the_runners_
 def test_an_experiment_user_that_cannot_reach_the_working_dir_is_refused_at_start(tmp_path: Path) -> None:
     world = make_world(tmp_path, "--experiment-user", "nobody")  # pytest's tmp_path is closed to other users
     with pytest.raises(SandboxError, match="nobody cannot reach"):
-        Sandbox.for_runner(world.settings, world.environ)
+        Sandbox.for_runner(world.options, world.environ)
 
 
 def test_an_experiment_user_needs_a_root_runner(world: World) -> None:
-    settings = load_settings(["--experiment-user", "nobody"], world.environ)
+    options = sandbox_options(load_settings(["--experiment-user", "nobody"], world.environ))
     with pytest.raises(SandboxError, match="needs a runner started as root"):
-        Sandbox.for_runner(settings, world.environ, euid=1000)
+        Sandbox.for_runner(options, world.environ, euid=1000)
 
 
 def test_an_unknown_experiment_user_is_an_invalid_option(world: World) -> None:
@@ -317,34 +322,34 @@ def test_an_unknown_experiment_user_is_an_invalid_option(world: World) -> None:
 # ------------------------------------------------------------------------------------------------ deciding at start
 
 
+def decide(environ: dict[str, str], *argv: str, abi: tuple[int, str] = (7, "")) -> Sandbox:
+    """The sandbox a runner started with ``argv`` and ``environ`` sets up on a kernel of Landlock ``abi``."""
+    return Sandbox.for_runner(sandbox_options(load_settings(list(argv), environ)), environ, abi=abi)
+
+
 def test_auto_sandboxes_a_runner_of_a_network_broker_and_not_one_of_local_queues(world: World) -> None:
-    shared = Sandbox.for_runner(world.settings, world.environ, abi=(7, ""))
+    local_only = {k: v for k, v in world.environ.items() if k != "AMQP_URL"}
+    shared = decide(world.environ)
     assert shared.landlock_abi == 7 and shared.own_home
-    local_env = {k: v for k, v in world.environ.items() if k != "AMQP_URL"}
-    local = Sandbox.for_runner(load_settings([], local_env), local_env, abi=(7, ""))
-    assert local == Sandbox()
-    forced = Sandbox.for_runner(load_settings(["--sandbox", "on"], local_env), local_env, abi=(7, ""))
-    assert forced.landlock_abi == 7
-    off = Sandbox.for_runner(load_settings(["--sandbox", "off"], world.environ), world.environ, abi=(7, ""))
-    assert off == Sandbox()
+    assert decide(local_only) == Sandbox()
+    assert decide(local_only, "--sandbox", "on").landlock_abi == 7
+    assert decide(world.environ, "--sandbox", "off") == Sandbox()
 
 
 def test_without_landlock_on_refuses_to_start_and_auto_runs_without_file_rules(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
-    on = load_settings(["--sandbox", "on"], world.environ)
     with pytest.raises(SandboxError, match="--sandbox on, but no Landlock here"):
-        Sandbox.for_runner(on, world.environ, abi=(0, "no Landlock here"))
-    auto = Sandbox.for_runner(world.settings, world.environ, abi=(1, ""))
+        decide(world.environ, "--sandbox", "on", abi=(0, "no Landlock here"))
+    auto = decide(world.environ, abi=(1, ""))
     assert auto.landlock_abi == 0 and auto.own_home
     assert "without file rules" in caplog.text
 
 
 @pytest.mark.parametrize("grant", ["queue", "home", "work", "."])
 def test_a_granted_directory_that_holds_the_runners_files_is_refused(world: World, grant: str) -> None:
-    settings = load_settings(["--sandbox-read", str(world.root / grant)], world.environ)
     with pytest.raises(SandboxError, match="would be able to read the runner's own files"):
-        Sandbox.for_runner(settings, world.environ, abi=(7, ""))
+        decide(world.environ, "--sandbox-read", str(world.root / grant))
 
 
 def test_sandbox_modes_accept_booleans(world: World) -> None:
@@ -408,7 +413,7 @@ def test_child_setup_steps_run_in_order_in_the_child_and_a_failing_one_prevents_
 def test_ruleset_descriptors_are_closed_with_the_confinement(world: World) -> None:
     if ABI < landlock.MIN_ABI:
         pytest.skip(WHY)
-    sandbox = Sandbox.for_runner(world.settings, world.environ)
+    sandbox = Sandbox.for_runner(world.options, world.environ)
     prepare(sandbox, world)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
