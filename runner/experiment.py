@@ -170,7 +170,7 @@ class Experiment:
 
         argv = experiment_argv(env.python, exp.filename, exp.args)
         process_env = await asyncio.to_thread(self._process_environment, env)
-        confinement = await self._confine(env)
+        confinement = await self._confine(env, process_env)
         phase = time.monotonic()
         self.tools.metrics.dispatch_seconds.observe(phase - self.received_at)
         self._log("process starting", python=str(env.python), script=exp.filename)
@@ -292,10 +292,11 @@ class Experiment:
         environment["PATH"] = f"{env.bin_dir}:{environment.get('PATH', '/usr/bin:/bin')}"
         return environment
 
-    async def _confine(self, env: PythonEnv) -> Confinement:
+    async def _confine(self, env: PythonEnv, process_env: Mapping[str, str]) -> Confinement:
         shared = self.tools.envs.entry(env.key).root
+        confine = self.tools.sandbox.confine
         try:
-            return await asyncio.to_thread(self.tools.sandbox.confine, self.dir, python=env.python, environment=shared)
+            return await asyncio.to_thread(confine, self.dir, python=env.python, environment=shared, env=process_env)
         except (SandboxError, OSError) as err:
             await self._abort(Outcome.INFRASTRUCTURE, f"cannot sandbox the experiment: {err}")
 

@@ -6,10 +6,9 @@ everything else of a handled kind is refused with EACCES, whatever the file mode
 makes the ruleset the calling thread's *domain*, irreversibly. A domain also keeps its processes from ptrace-ing
 processes outside it and, from ABI 6, from signalling them or reaching their abstract unix sockets.
 
-The ruleset is built here, in the runner, where opening paths and raising exceptions is safe; the child only calls
-``prctl(PR_SET_NO_NEW_PRIVS)`` and ``landlock_restrict_self(fd)`` through functions resolved before the fork
-(:meth:`Ruleset.child_step`). The kernel interface is stable and small, hence a binding of our own rather than a
-PyPI package (see docs/architecture.md).
+The runner builds the ruleset (:class:`Ruleset`) and hands its descriptor to the launcher (confine.py), which
+calls :func:`enforce` and then executes the experiment. The kernel interface is stable and small, hence a binding of
+our own rather than a PyPI package (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -104,6 +102,22 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def enforce(ruleset_fd: int) -> None:
+    """Enter the ruleset's domain, with everything this process will execute: for good.
+
+    ``no_new_privs`` comes first: without CAP_SYS_ADMIN the kernel requires it, and no setuid program may undo the
+    confinement afterwards.
+    """
+    libc = _libc()
+    zero = ctypes.c_ulong(0)
+    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), zero, zero, zero) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+    if libc.syscall(ctypes.c_long(_SYS_RESTRICT_SELF), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"landlock_restrict_self: {os.strerror(err)}")
+
+
 def abi_version() -> tuple[int, str]:
     """The kernel's Landlock ABI version and, when it is 0 (unusable), why."""
     if sys.platform != "linux":
@@ -120,11 +134,11 @@ def abi_version() -> tuple[int, str]:
 
 
 class Ruleset:
-    """An open Landlock ruleset: grant paths with :meth:`allow`, then enforce it in a child with :meth:`child_step`.
+    """An open Landlock ruleset: grant paths with :meth:`allow`, hand :attr:`fd` to the process that enforces it.
 
     Handles every file-system right of ``abi`` (so anything not granted is refused) and, from ABI 6, scopes signals
     and abstract unix sockets to the domain. Network access is not handled: it stays open. Close it (or use it as a
-    context manager) once the child has started; the child's copy of the descriptor closes on exec.
+    context manager) once the process that enforces it has started.
     """
 
     def __init__(self, abi: int) -> None:
@@ -173,24 +187,6 @@ class Ruleset:
                 raise OSError(err, f"landlock_add_rule: {os.strerror(err)}", str(path))
         finally:
             os.close(target)
-
-    def child_step(self) -> Callable[[], None]:
-        """What the child runs between fork and exec to enter the ruleset's domain.
-
-        It runs in a copy of a multi-threaded process whose other threads are gone, maybe holding locks: it only
-        calls two C functions resolved here, with arguments built here. On failure it raises, so that the program is
-        never run unconfined (``subprocess`` then reports an error to the parent).
-        """
-        prctl, syscall = self._libc.prctl, self._libc.syscall
-        no_new_privs = (ctypes.c_int(_PR_SET_NO_NEW_PRIVS), *map(ctypes.c_ulong, (1, 0, 0, 0)))
-        restrict = (ctypes.c_long(_SYS_RESTRICT_SELF), ctypes.c_int(self.fd), ctypes.c_uint32(0))
-
-        def enter_domain() -> None:
-            # no_new_privs first: without CAP_SYS_ADMIN the kernel requires it, and setuid programs must not undo this.
-            if prctl(*no_new_privs) != 0 or syscall(*restrict) != 0:
-                raise OSError("could not enter the Landlock sandbox")
-
-        return enter_domain
 
     def close(self) -> None:
         if self._fd is not None:

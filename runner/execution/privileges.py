@@ -4,16 +4,16 @@
   the runner holds queue passwords and cloud keys in its environment, so it makes itself non-dumpable at start.
   Only processes with ``CAP_SYS_PTRACE`` (root) can then read them.
 * An experiment started by a root runner would be root with every capability: it could read any process's
-  environment, change the network, load kernel modules. :func:`drop_capabilities_step` empties its capability sets
-  and bounding set before exec; it stays uid 0 for file ownership, which Landlock confines.
+  environment, change the network, load kernel modules. The sandbox's launcher calls :func:`drop_capabilities`
+  before exec: the experiment stays uid 0 for file ownership, which Landlock confines, with no capability.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,28 +50,21 @@ def make_not_dumpable() -> bool:
     return True
 
 
-def drop_capabilities_step() -> Callable[[], None]:
-    """A step for the child, between fork and exec: drop every capability, for good.
+def drop_capabilities() -> None:
+    """Drop every capability of this process, for good (the sandbox's launcher does it before exec).
 
     Emptying the bounding set (which needs CAP_SETPCAP, so it comes first) keeps exec from granting root its
     capabilities again; ``capset`` then empties the effective, permitted and inheritable sets (ambient ones go with
-    them). Only pre-resolved C calls with arguments built here run in the child; failure raises (the program is then
-    not run).
+    them). Raises OSError.
     """
     libc = _libc()
-    prctl, capset = libc.prctl, libc.capset
-    last = int(_CAP_LAST_CAP.read_text().strip())
     zero = ctypes.c_ulong(0)
-    drops = [(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), zero, zero, zero) for cap in range(last + 1)]
+    for cap in range(int(_CAP_LAST_CAP.read_text().strip()) + 1):
+        if libc.prctl(ctypes.c_int(_PR_CAPBSET_DROP), ctypes.c_ulong(cap), zero, zero, zero) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     nothing = (_CapData * 2)()
-    arguments = (ctypes.byref(header), ctypes.byref(nothing))
-
-    def drop() -> None:
-        for drop_one in drops:
-            if prctl(*drop_one) != 0:
-                raise OSError("could not drop a capability from the bounding set")
-        if capset(*arguments) != 0:
-            raise OSError("could not drop the capabilities")
-
-    return drop
+    if libc.capset(ctypes.byref(header), ctypes.byref(nothing)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")

@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -209,32 +208,17 @@ def _redact_assignment(line: str) -> str:
 
 @dataclass(frozen=True)
 class Spawn:
-    """How the process starts beyond its command line, environment and directory.
+    """Start the process through a launcher program (the sandbox's: runner/execution/confine.py).
 
-    ``child_setup`` steps run in order in the child between fork and exec (see runner/execution/sandbox.py). The
-    child is a copy of the multi-threaded runner whose other threads are gone, possibly holding locks: a step only
-    calls functions resolved before the fork, never imports, logs or takes a lock; it raises to prevent the exec.
-    ``uid``/``gid`` run the process as another user (and no supplementary group); only root can.
+    The command line is ``launcher`` followed by the process's own; it runs with ``launcher_env`` rather than the
+    process's environment (which the launcher receives another way: it must not steer a program that still has the
+    runner's privileges, think ``LD_PRELOAD``) and inherits the descriptors ``pass_fds``. The launcher ends by
+    executing the process, which keeps its pid and process group. No launcher: the process is started directly.
     """
 
-    child_setup: tuple[Callable[[], None], ...] = ()
-    uid: int | None = None
-    gid: int | None = None
-
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``subprocess_exec`` (that is, ``subprocess.Popen``)."""
-        options: dict[str, Any] = {}
-        if self.child_setup:
-            steps = self.child_setup
-
-            def child_setup() -> None:
-                for step in steps:
-                    step()
-
-            options["preexec_fn"] = child_setup
-        if self.uid is not None:
-            options.update(user=self.uid, group=self.gid, extra_groups=[])
-        return options
+    launcher: tuple[str, ...] = ()
+    launcher_env: Mapping[str, str] = field(default_factory=dict)
+    pass_fds: tuple[int, ...] = ()
 
 
 @dataclass
@@ -407,8 +391,8 @@ async def run_process(
     ``interrupt`` (``interrupted``) is set, the process group gets SIGTERM, then SIGKILL after ``grace`` seconds.
     Whatever was left in the group after the process exited is killed, and output still held open by processes
     that left the group is abandoned after ``drain`` seconds. If the calling task is cancelled, the group is killed
-    and the cancellation propagates. ``spawn`` adds the user and the child setup steps (the sandbox). Raises
-    ``OSError`` when the program cannot be started.
+    and the cancellation propagates. ``spawn`` names a launcher that starts it (the sandbox's). Raises ``OSError``
+    when the program cannot be started.
     """
     loop = asyncio.get_running_loop()
     file = await asyncio.to_thread(_open_output, output)
@@ -449,22 +433,20 @@ async def _supervise(
     try:
         transport, protocol = await loop.subprocess_exec(
             lambda: _Protocol(loop, out.line),
+            *spawn.launcher,
             *argv,
             cwd=cwd,
-            env=dict(env),
+            env=dict(spawn.launcher_env if spawn.launcher else env),
+            pass_fds=spawn.pass_fds,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             # One pipe for both streams keeps a traceback in its place among the prints.
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group, so that signals reach everything it started
-            **spawn.options(),
         )
     except OSError as err:
         out.note(f"could not start {argv[0]}: {err}")
         raise
-    except subprocess.SubprocessError as err:  # a child setup step refused: the program was not run
-        out.note(f"could not start {argv[0]}: {err}")
-        raise OSError(f"could not start {argv[0]}: {err}") from err
     pgid = transport.get_pid()  # the session leader's pid is its process group id
     swept = False
     reason: Reason = "exited"

@@ -18,17 +18,18 @@ The runner decides once, at start (:meth:`Sandbox.for_runner`), and confines eac
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import pwd
 import stat
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.execution import landlock
 from runner.execution.landlock import Access, Ruleset
-from runner.execution.privileges import drop_capabilities_step
 from runner.execution.process import Spawn
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,14 @@ class ExperimentUser:
 
 @dataclass
 class Confinement:
-    """One experiment's start options; close it once the process has started (or failed to)."""
+    """One experiment's start: its launcher and the descriptors it inherits. Close it once the process ended."""
 
     spawn: Spawn
-    ruleset: Ruleset | None = None
+    descriptors: list[int] = field(default_factory=list)
 
     def close(self) -> None:
-        if self.ruleset is not None:
-            self.ruleset.close()
+        while self.descriptors:
+            os.close(self.descriptors.pop())
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,6 @@ class Sandbox:
     user: ExperimentUser | None = None
     drop_capabilities: bool = False
     own_home: bool = False
-    steps: tuple[Callable[[], None], ...] = field(default=(), compare=False)  # child steps shared by every start
 
     # ------------------------------------------------------------------------------------------- per experiment
 
@@ -134,24 +134,33 @@ class Sandbox:
             env.update(USER=self.user.name, LOGNAME=self.user.name)
         return env
 
-    def confine(self, experiment_dir: Path, *, python: Path, environment: Path) -> Confinement:
-        """Prepare the start of the experiment in ``experiment_dir`` running ``python`` (its virtualenv's link) on
-        the shared virtualenv ``environment``. Blocking: opens paths and, with an experiment user, hands the
-        directory over to it. Raises :class:`SandboxError` (or OSError) when the experiment cannot be confined."""
-        ruleset = self._ruleset(experiment_dir, python, environment) if self.landlock_abi else None
+    def confine(self, experiment_dir: Path, *, python: Path, environment: Path, env: Mapping[str, str]) -> Confinement:
+        """How to start the experiment in ``experiment_dir`` running ``python`` (its virtualenv's link) on the shared
+        virtualenv ``environment``, with the environment variables ``env``: through the launcher (confine.py), or
+        directly when this sandbox confines nothing. Blocking: builds the ruleset, writes ``env`` to a memfd and, with
+        an experiment user, hands the directory over to it. Raises :class:`SandboxError` or OSError."""
+        if not (self.landlock_abi or self.user or self.drop_capabilities):
+            return Confinement(Spawn())
+        confinement = Confinement(Spawn())
         try:
+            options: list[str] = []
+            if self.landlock_abi:
+                ruleset = self._ruleset(experiment_dir, python, environment)
+                confinement.descriptors.append(ruleset.fd)
+                options += ["--ruleset-fd", str(ruleset.fd)]
             if self.user is not None:
                 _check_reachable(self.user, python, environment)
                 _hand_over(experiment_dir, self.user)
-            steps = list(self.steps)
-            if ruleset is not None:
-                steps.append(ruleset.child_step())
-            user = self.user
-            spawn = Spawn(child_setup=tuple(steps), uid=user.uid if user else None, gid=user.gid if user else None)
-            return Confinement(spawn, ruleset)
+                options += ["--user", f"{self.user.uid}:{self.user.gid}"]
+            if self.drop_capabilities:
+                options.append("--drop-capabilities")
+            env_fd = _environment_file(env)
+            confinement.descriptors.append(env_fd)
+            launcher = (sys.executable, "-I", "-m", "runner.execution.confine", "--env-fd", str(env_fd), *options, "--")
+            confinement.spawn = Spawn(launcher=launcher, pass_fds=tuple(confinement.descriptors))
+            return confinement
         except BaseException:
-            if ruleset is not None:
-                ruleset.close()
+            confinement.close()
             raise
 
     def _ruleset(self, experiment_dir: Path, python: Path, environment: Path) -> Ruleset:
@@ -164,7 +173,7 @@ class Sandbox:
                 f"cannot let the experiment read its Python: {'; '.join(conflicts)}; install the interpreter and "
                 "the environment cache outside the runner's own directories"
             )
-        ruleset = Ruleset(self.landlock_abi)
+        ruleset = Ruleset(self.landlock_abi)  # its descriptor belongs to the confinement from here on
         try:
             for path in (*self.read_only, *own):
                 _allow(ruleset, path, landlock.READ)
@@ -220,7 +229,6 @@ class Sandbox:
                 + " (choose --sandbox-read directories, or move those of the runner, so that they do not overlap)"
             )
         granted += _environment_paths(environ, protected)
-        drop = euid == 0 and user is None
         sandbox = cls(
             landlock_abi=version,
             read_only=granted + _existing(LINKED_FILES),
@@ -228,9 +236,8 @@ class Sandbox:
             shared_write=_existing(SHARED_WRITE),
             protected=protected,
             user=user,
-            drop_capabilities=drop,
+            drop_capabilities=euid == 0 and user is None,
             own_home=True,
-            steps=(drop_capabilities_step(),) if drop else (),
         )
         sandbox._announce(options)
         return sandbox
@@ -362,6 +369,22 @@ def _check_reachable(user: ExperimentUser, python: Path, environment: Path) -> N
         stuck = _unreachable(path, user)
         if stuck is not None:
             raise SandboxError(f"--experiment-user {user.name} cannot reach {path}: {stuck} is closed to it")
+
+
+def _environment_file(env: Mapping[str, str]) -> int:
+    """A memfd holding ``env`` as JSON, read from the start by the launcher: never on a command line, where every
+    process of the machine could read it."""
+    fd = os.memfd_create("studio-runner-environment")
+    try:
+        data = json.dumps(dict(env)).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _hand_over(directory: Path, user: ExperimentUser) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,18 +116,28 @@ def prepare(sandbox: Sandbox, world: World) -> tuple[dict[str, str], Path]:
     return build_environment(config_env={}, runner_env=world.environ, extra=extra), private
 
 
-def probe(
-    world: World, sandbox: Sandbox, checks: dict[str, tuple[str, str]], python: Path | None = None
-) -> dict[str, str]:
-    """Run the probe confined like an experiment; what each check met ("allowed", "refused" or an errno)."""
+def run_confined(
+    world: World,
+    sandbox: Sandbox,
+    code: str,
+    *args: str,
+    python: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    launched: list[Spawn] | None = None,
+) -> str:
+    """Run ``python -c code args`` confined as the runner runs an experiment; its output (and, in ``launched``, how
+    it was started)."""
     env, _ = prepare(sandbox, world)
+    env.update(extra_env or {})
     python = python or Path(sys.executable)
-    confinement = sandbox.confine(world.experiment_dir, python=python, environment=Path(sys.prefix))
+    confinement = sandbox.confine(world.experiment_dir, python=python, environment=Path(sys.prefix), env=env)
+    if launched is not None:
+        launched.append(confinement.spawn)
     output = world.experiment_dir / "output" / "output"
 
     async def run() -> None:
         await run_process(
-            [str(python), "-c", PROBE, json.dumps(checks)],
+            [str(python), "-c", code, *args],
             cwd=world.experiment_dir / "workspace",
             env=env,
             output=output,
@@ -142,7 +152,14 @@ def probe(
         asyncio.run(run())
     finally:
         confinement.close()
-    text = output.read_text()
+    return output.read_text()
+
+
+def probe(
+    world: World, sandbox: Sandbox, checks: dict[str, tuple[str, str]], python: Path | None = None
+) -> dict[str, str]:
+    """Run the probe confined like an experiment; what each check met ("allowed", "refused" or an errno)."""
+    text = run_confined(world, sandbox, PROBE, json.dumps(checks), python=python)
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
     assert lines, text
     result: dict[str, str] = json.loads(lines[-1].removeprefix("RESULT "))
@@ -236,22 +253,27 @@ def test_the_experiment_gets_its_own_home_and_tmp_and_no_uv_cache_of_the_runner(
 def test_experiments_of_a_root_runner_have_no_capability(world: World) -> None:
     sandbox = Sandbox.for_runner(world.options, world.environ)
     assert sandbox.drop_capabilities
-    env, _ = prepare(sandbox, world)
-    confinement = sandbox.confine(world.experiment_dir, python=Path(sys.executable), environment=Path(sys.prefix))
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", "print(open('/proc/self/status').read())"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            **confinement.spawn.options(),
-        )
-    finally:
-        confinement.close()
-    caps = {line.split(":")[0]: line.split()[1] for line in done.stdout.splitlines() if line.startswith("Cap")}
-    assert caps.keys() >= {"CapEff", "CapPrm", "CapBnd"}, done.stdout + done.stderr
+    output = run_confined(world, sandbox, "print(open('/proc/self/status').read())")
+    caps = {line.split(":")[0]: line.split()[1] for line in output.splitlines() if line.startswith("Cap")}
+    assert caps.keys() >= {"CapEff", "CapPrm", "CapBnd"}, output
     assert set(caps.values()) == {"0000000000000000"}
+
+
+@needs_landlock
+def test_the_experiments_environment_reaches_it_through_the_launcher_never_on_a_command_line(world: World) -> None:
+    sandbox = Sandbox.for_runner(world.options, world.environ)
+    launched: list[Spawn] = []
+    output = run_confined(
+        world,
+        sandbox,
+        "import os; print('token', os.environ['MY_TOKEN'], 'preload', os.environ['LD_PRELOAD'])",
+        extra_env={"MY_TOKEN": "submitter-token-123", "LD_PRELOAD": ""},
+        launched=launched,
+    )
+    assert "token submitter-token-123 preload " in output
+    [spawn] = launched
+    assert spawn.launcher and "submitter-token-123" not in " ".join(spawn.launcher)
+    assert spawn.launcher_env == {}  # LD_PRELOAD, PYTHONPATH and the like never steer the launcher
 
 
 # ------------------------------------------------------------------------------------------------ the experiment user
@@ -376,38 +398,26 @@ def test_the_runner_makes_itself_not_dumpable() -> None:
     assert done.stdout.split() == ["1", "True", "0"]
 
 
-def test_child_setup_steps_run_in_order_in_the_child_and_a_failing_one_prevents_the_start(tmp_path: Path) -> None:
-    read_end, write_end = os.pipe()
+def launch(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-I", "-m", "runner.execution.confine", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env or {},
+        check=False,
+    )
 
-    def step(mark: bytes) -> None:
-        os.write(write_end, mark)
 
-    def refuse() -> None:
-        raise OSError("refused by a step")
+def test_a_launcher_that_cannot_confine_never_runs_the_program() -> None:
+    done = launch("--ruleset-fd", "9999", "--", sys.executable, "-c", "print('ran unconfined')")
+    assert done.returncode == 126 and "ran unconfined" not in done.stdout
+    assert "could not confine the experiment" in done.stderr
 
-    async def start(spawn: Spawn) -> None:
-        await run_process(
-            [sys.executable, "-c", "print('ran')"],
-            cwd=tmp_path,
-            env={"PATH": os.environ.get("PATH", "")},
-            output=tmp_path / "output",
-            secret_filter=SecretFilter(),
-            deadline=None,
-            stop=asyncio.Event(),
-            interrupt=asyncio.Event(),
-            spawn=spawn,
-        )
 
-    try:
-        asyncio.run(start(Spawn(child_setup=(lambda: step(b"a"), lambda: step(b"b")))))
-        assert os.read(read_end, 10) == b"ab"
-        with pytest.raises(OSError, match="could not start"):
-            asyncio.run(start(Spawn(child_setup=(refuse,))))
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-    assert (tmp_path / "output").read_text().count("ran") == 1
-    assert "could not start" in (tmp_path / "output").read_text()
+def test_a_launcher_reports_a_program_it_cannot_execute_like_a_shell() -> None:
+    done = launch("--", "/nonexistent/python")
+    assert done.returncode == 127 and "could not start /nonexistent/python" in done.stderr
 
 
 def test_ruleset_descriptors_are_closed_with_the_confinement(world: World) -> None:
@@ -417,5 +427,5 @@ def test_ruleset_descriptors_are_closed_with_the_confinement(world: World) -> No
     prepare(sandbox, world)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
-        sandbox.confine(world.experiment_dir, python=Path(sys.executable), environment=Path(sys.prefix)).close()
+        sandbox.confine(world.experiment_dir, python=Path(sys.executable), environment=Path(sys.prefix), env={}).close()
     assert len(os.listdir("/proc/self/fd")) == before
