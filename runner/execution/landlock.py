@@ -7,7 +7,7 @@ makes the ruleset the calling thread's *domain*, irreversibly. A domain also kee
 processes outside it and, from ABI 6, from signalling them or reaching their abstract unix sockets.
 
 The runner builds the ruleset (:class:`Ruleset`) and hands its descriptor to the launcher (confine.py), which
-calls :func:`enforce` and then executes the experiment. The kernel interface is stable and small, hence a binding of
+enters it and then executes the experiment. The kernel interface is stable and small, hence a binding of
 our own rather than a PyPI package (see docs/architecture.md).
 """
 
@@ -24,11 +24,9 @@ from types import TracebackType
 
 # The same numbers on every architecture that has Landlock (they were allocated after the syscall tables merged).
 _SYS_CREATE_RULESET = 444
-_SYS_ADD_RULE = 445
-_SYS_RESTRICT_SELF = 446
+_SYS_ADD_RULE = 445  # landlock_restrict_self (446) is called by the launcher, confine.py
 _CREATE_RULESET_VERSION = 1 << 0
 _RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS = 38
 
 # ABI 1 cannot handle LANDLOCK_ACCESS_FS_REFER: every rename or link across directories would then fail with EXDEV,
 # which breaks pip and most build tools. ABI 2 is Linux 5.19.
@@ -100,22 +98,6 @@ def _libc() -> ctypes.CDLL:
     libc.syscall.restype = ctypes.c_long
     libc.prctl.restype = ctypes.c_int
     return libc
-
-
-def enforce(ruleset_fd: int) -> None:
-    """Enter the ruleset's domain, with everything this process will execute: for good.
-
-    ``no_new_privs`` comes first: without CAP_SYS_ADMIN the kernel requires it, and no setuid program may undo the
-    confinement afterwards.
-    """
-    libc = _libc()
-    zero = ctypes.c_ulong(0)
-    if libc.prctl(ctypes.c_int(_PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), zero, zero, zero) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
-    if libc.syscall(ctypes.c_long(_SYS_RESTRICT_SELF), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"landlock_restrict_self: {os.strerror(err)}")
 
 
 def abi_version() -> tuple[int, str]:

@@ -18,7 +18,6 @@ The runner decides once, at start (:meth:`Sandbox.for_runner`), and confines eac
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import pwd
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.execution import landlock
+from runner.execution.confine import encode_environment
 from runner.execution.landlock import Access, Ruleset
 from runner.execution.process import Spawn
 
@@ -58,6 +58,17 @@ _CREDENTIAL_VARIABLES = (
     "CLOUDSDK_CONFIG",
 )
 _SECRET_MOUNTS = (Path("/var/run/secrets"), Path("/run/secrets"))
+# The launcher (confine.py) on the runner's own interpreter, isolated (-I: no PYTHON* variables, no user site) and
+# without site (-S: 15 ms of CPU a start instead of 45): it finds the runner package where this module is.
+_LAUNCHER = (
+    sys.executable,
+    "-I",
+    "-S",
+    "-c",
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from runner.execution.confine import main; sys.exit(main(sys.argv[1:]))",
+    str(Path(__file__).resolve().parents[2]),
+)
 
 
 class SandboxError(Exception):
@@ -156,7 +167,7 @@ class Sandbox:
                 options.append("--drop-capabilities")
             env_fd = _environment_file(env)
             confinement.descriptors.append(env_fd)
-            launcher = (sys.executable, "-I", "-m", "runner.execution.confine", "--env-fd", str(env_fd), *options, "--")
+            launcher = (*_LAUNCHER, "--env-fd", str(env_fd), *options, "--")
             confinement.spawn = Spawn(launcher=launcher, pass_fds=tuple(confinement.descriptors))
             return confinement
         except BaseException:
@@ -372,12 +383,11 @@ def _check_reachable(user: ExperimentUser, python: Path, environment: Path) -> N
 
 
 def _environment_file(env: Mapping[str, str]) -> int:
-    """A memfd holding ``env`` as JSON, read from the start by the launcher: never on a command line, where every
-    process of the machine could read it."""
+    """A memfd holding ``env`` for the launcher, read from the start: never on a command line, where every process
+    of the machine could read it."""
     fd = os.memfd_create("studio-runner-environment")
     try:
-        data = json.dumps(dict(env)).encode()
-        view = memoryview(data)
+        view = memoryview(encode_environment(dict(env)))
         while view:
             view = view[os.write(fd, view) :]
         os.lseek(fd, 0, os.SEEK_SET)
