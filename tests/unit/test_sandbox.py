@@ -124,11 +124,14 @@ def run_confined(
     python: Path | None = None,
     extra_env: Mapping[str, str] | None = None,
     launched: list[Spawn] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> str:
-    """Run ``python -c code args`` confined as the runner runs an experiment; its output (and, in ``launched``, how
-    it was started)."""
+    """Run ``python -c code args`` confined as the runner runs an experiment, with ``files`` in its workspace; its
+    output (and, in ``launched``, how it was started)."""
     env, _ = prepare(sandbox, world)
     env.update(extra_env or {})
+    for name, text in (files or {}).items():
+        (world.experiment_dir / "workspace" / name).write_text(text)
     python = python or Path(sys.executable)
     confinement = sandbox.confine(world.experiment_dir, python=python, environment=Path(sys.prefix), env=env)
     if launched is not None:
@@ -247,6 +250,41 @@ def test_the_experiment_gets_its_own_home_and_tmp_and_no_uv_cache_of_the_runner(
     assert env["HOME"] == str(private / "home") and (private / "home").is_dir()
     assert env["TMPDIR"] == str(private / "tmp")
     assert env["UV_CACHE_DIR"].startswith(str(private / "home"))
+
+
+EVERYDAY = """
+import multiprocessing as mp, os, socket, sqlite3, ssl, subprocess, tempfile
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    for method in ("fork", "forkserver", "spawn"):
+        with mp.get_context(method).Pool(2) as pool:
+            print(method, "pool", pool.map(square, [1, 2, 3]))
+    print("shell", subprocess.run(["sh", "-c", "ls /usr >/dev/null && echo ok"], capture_output=True, text=True).stdout)
+    with tempfile.NamedTemporaryFile() as f:
+        print("tempfile in its tmp", f.name.startswith(os.environ["TMPDIR"]))
+    sqlite3.connect(os.path.expanduser("~/results.db")).execute("create table t(x)")
+    print("ca certificates", ssl.create_default_context().cert_store_stats()["x509_ca"] > 0)
+    print("resolver", socket.getaddrinfo("localhost", 80)[0][4][0])
+    os.makedirs(os.path.expanduser("~/.cache/model"))
+    os.rename(os.path.expanduser("~/.cache/model"), "model")
+    print("done")
+"""
+
+
+@needs_landlock
+def test_what_experiments_commonly_do_still_works_in_the_sandbox(open_root: Path) -> None:
+    # A short root: the forkserver's socket path in TMPDIR must stay below the 108 bytes of AF_UNIX addresses.
+    world = make_world(open_root)
+    sandbox = Sandbox.for_runner(world.options, world.environ)
+    code = "import runpy; runpy.run_path('job.py', run_name='__main__')"
+    output = run_confined(world, sandbox, code, files={"job.py": EVERYDAY})
+    for method in ("fork", "forkserver", "spawn"):
+        assert f"{method} pool [1, 4, 9]" in output, output
+    for line in ("shell ok", "tempfile in its tmp True", "ca certificates True", "resolver 127.0.0.1", "done"):
+        assert line in output, output
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="capabilities are dropped for experiments of a root runner only")
