@@ -34,8 +34,6 @@ from runner.execution.process import Spawn
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "on", "off")
-
 # Read (and execute) for every experiment: the system's programs, libraries and configuration.
 SYSTEM_READ = tuple(Path(p) for p in ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc"))
 # Read only: the kernel's views. Other processes' environ, memory and fds stay closed (ptrace rules, see module doc).
@@ -131,10 +129,11 @@ class Sandbox:
     # ------------------------------------------------------------------------------------------- per experiment
 
     def environment(self, private: Path) -> dict[str, str]:
-        """Variables the experiment gets from the sandbox: its own ``HOME`` under ``private`` (created here), ...
+        """Variables the experiment gets from the sandbox: its own ``HOME`` (created here under ``private``, the
+        experiment's ``_runner`` directory), uv's cache inside it, and the experiment user's name.
 
         A confined experiment could not use the runner's ``HOME`` anyway, and must not write to the runner's uv
-        cache (``UV_CACHE_DIR`` passes the allow-list): both go inside the experiment's directory.
+        cache (``UV_CACHE_DIR`` passes the allow-list).
         """
         if not self.own_home:
             return {}
@@ -218,10 +217,10 @@ class Sandbox:
         user = _experiment_user(options, euid)
         enabled = options.mode == "on" or (options.mode == "auto" and options.shared_broker)
         if not enabled:
-            if options.mode == "auto":
-                log.info("experiments are not sandboxed: only local queues are served (--sandbox on to sandbox them)")
-            else:
+            if options.shared_broker:  # --sandbox off with a network broker
                 log.warning("experiments are not sandboxed (--sandbox off): they can read what the runner can read")
+            else:
+                log.info("experiments are not sandboxed: only local queues are served (--sandbox on to sandbox them)")
             return cls(user=user, own_home=user is not None)
         version, why = landlock.abi_version() if abi is None else abi
         if version < landlock.MIN_ABI:

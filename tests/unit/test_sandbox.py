@@ -314,6 +314,15 @@ def test_the_experiments_environment_reaches_it_through_the_launcher_never_on_a_
     assert spawn.launcher_env == {}  # LD_PRELOAD, PYTHONPATH and the like never steer the launcher
 
 
+@needs_landlock
+def test_the_workspace_cannot_plant_code_in_the_launcher(world: World) -> None:
+    """The launcher runs in the workspace with the runner's rights: a module file there must not be imported."""
+    sandbox = Sandbox.for_runner(world.options, world.environ)
+    planted = {name: "raise SystemExit('planted code ran')" for name in ("ctypes.py", "os.py", "json.py")}
+    output = run_confined(world, sandbox, "print('experiment ran')", files=planted)
+    assert "experiment ran" in output and "planted code ran" not in output
+
+
 # ------------------------------------------------------------------------------------------------ the experiment user
 
 
