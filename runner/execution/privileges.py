@@ -9,7 +9,11 @@ experiments. What the runner executes (experiments, uv) is dumpable again.
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 import sys
+
+log = logging.getLogger(__name__)
 
 _PR_SET_DUMPABLE = 4
 
@@ -21,4 +25,8 @@ def make_not_dumpable() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl.restype = ctypes.c_int
     zero = ctypes.c_ulong(0)
-    return bool(libc.prctl(ctypes.c_int(_PR_SET_DUMPABLE), zero, zero, zero, zero) == 0)
+    if libc.prctl(ctypes.c_int(_PR_SET_DUMPABLE), zero, zero, zero, zero) != 0:
+        error = os.strerror(ctypes.get_errno())
+        log.warning(f"could not make the runner non-dumpable ({error}): its user's processes can read its environment")
+        return False
+    return True
