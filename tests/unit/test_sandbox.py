@@ -125,6 +125,7 @@ def run_confined(
     extra_env: Mapping[str, str] | None = None,
     launched: list[Spawn] | None = None,
     files: Mapping[str, str] | None = None,
+    environment: Path = Path(sys.prefix),
 ) -> str:
     """Run ``python -c code args`` confined as the runner runs an experiment, with ``files`` in its workspace; its
     output (and, in ``launched``, how it was started)."""
@@ -133,7 +134,7 @@ def run_confined(
     for name, text in (files or {}).items():
         (world.experiment_dir / "workspace" / name).write_text(text)
     python = python or Path(sys.executable)
-    confinement = sandbox.confine(world.experiment_dir, python=python, environment=Path(sys.prefix), env=env)
+    confinement = sandbox.confine(world.experiment_dir, python=python, environment=environment, env=env)
     if launched is not None:
         launched.append(confinement.spawn)
     output = world.experiment_dir / "output" / "output"
@@ -159,10 +160,14 @@ def run_confined(
 
 
 def probe(
-    world: World, sandbox: Sandbox, checks: dict[str, tuple[str, str]], python: Path | None = None
+    world: World,
+    sandbox: Sandbox,
+    checks: dict[str, tuple[str, str]],
+    python: Path | None = None,
+    environment: Path = Path(sys.prefix),
 ) -> dict[str, str]:
     """Run the probe confined like an experiment; what each check met ("allowed", "refused" or an errno)."""
-    text = run_confined(world, sandbox, PROBE, json.dumps(checks), python=python)
+    text = run_confined(world, sandbox, PROBE, json.dumps(checks), python=python, environment=environment)
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
     assert lines, text
     result: dict[str, str] = json.loads(lines[-1].removeprefix("RESULT "))
@@ -358,6 +363,7 @@ def test_an_experiment_user_owns_the_experiment_dir_and_cannot_read_the_runners_
             "runner environ": ("read", f"/proc/{os.getpid()}/environ"),
         },
         python=python,
+        environment=Path("/usr"),  # the system Python's own: this checkout may be closed to nobody
     )
     assert seen == {
         "queued message": "refused",
