@@ -20,7 +20,7 @@ seen = {}
 for arg in sys.argv[1:]:
     name, _, rest = arg.partition("=")
     action, _, path = rest.partition(":")
-    path = path.replace("RUNNER", str(os.getppid()))
+    path = path.replace("RUNNER", str(os.getppid())).replace("TMPDIR", os.environ["TMPDIR"])
     try:
         if action == "read":
             with open(path, "rb") as f:
@@ -66,6 +66,7 @@ def test_an_experiment_cannot_read_the_runners_secrets_queue_or_other_experiment
         f"other experiment=read:{other / 'model.bin'}",
         f"dataset=read:{datasets / 'train.csv'}",
         "own workspace=write:result.txt",
+        "private tmp=write:TMPDIR/scratch",
     )
     runner = sandbox.start(
         "--limit-tasks",
@@ -90,6 +91,7 @@ def test_an_experiment_cannot_read_the_runners_secrets_queue_or_other_experiment
         "other experiment": "refused",
         "dataset": "allowed",
         "own workspace": "allowed",
+        "private tmp": "allowed",
         "home is its own": "yes",
     }
     assert not (private_queue / "injected").exists()
