@@ -1,4 +1,4 @@
-"""Linux Landlock (landlock(7)) through ctypes: a ruleset built in the runner, enforced in a child before exec.
+"""Linux Landlock (landlock(7)) through ctypes: the rulesets the runner builds for its experiments.
 
 Landlock lets an unprivileged process give up file access for itself and its descendants: a *ruleset* lists the
 kinds of access it handles and, for each directory or file granted, which of them remain allowed beneath it;
@@ -104,7 +104,9 @@ def abi_version() -> tuple[int, str]:
     """The kernel's Landlock ABI version and, when it is 0 (unusable), why."""
     if sys.platform != "linux":
         return 0, f"Landlock is a Linux feature (this is {sys.platform})"
-    result = _libc().syscall(ctypes.c_long(_SYS_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    result = _libc().syscall(
+        ctypes.c_long(_SYS_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
+    )
     if result >= 0:
         return int(result), ""
     err = ctypes.get_errno()
