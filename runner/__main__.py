@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from runner import __version__, logs
 from runner.config import DEFAULT_PROM_ADDRESS, ConfigError, listen_address, load_settings, main_error
+from runner.execution import privileges
 
 COMMANDS = ("serve", "submit", "show", "stop", "check", "keys", "version")
 
@@ -23,6 +24,9 @@ def serve(argv: Sequence[str]) -> int:
         print(main_error(err), file=sys.stderr)
         return 2
     logs.configure(settings.log_format, debug=settings.debug)
+    # The runner's /proc/<pid>/environ, mem and fds hold its secrets: closed to its user's other processes,
+    # experiments included (docs/security.md). Programs it starts are dumpable again.
+    privileges.make_not_dumpable()
     # Imported here, not at the top: `--help` and bad options are answered without loading any broker stack.
     from runner.service import Runner, StartupRefused
 

@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 
 from runner.amqp_endpoint import AmqpEndpoint
 from runner.config import Settings
+from runner.execution.sandbox import SandboxOptions
 from runner.queues.base import Broker
 from runner.queues.local import LocalBroker
 from runner.queues.pubsub import PubSubBroker
@@ -73,9 +74,7 @@ async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker
 def make_stores(settings: Settings) -> dict[str, ObjectStore]:
     """Object stores by URL scheme."""
     stores: dict[str, ObjectStore] = {"file": FileStore(settings.file_roots)}
-    if not settings.file_roots and (
-        settings.amqp_url or settings.sqs_certs or settings.aws_region or settings.pubsub_project
-    ):
+    if not settings.file_roots and settings.shared_broker:
         log.warning(
             "file:// artifacts may name any path this runner can read or write; with a shared broker, limit them "
             "with --file-roots (or FILE_ROOTS)"
@@ -95,3 +94,18 @@ def make_status_records(settings: Settings, stores: Mapping[str, ObjectStore]) -
     """Updates of the StudioML client's metadata records, through the S3 store when there is one."""
     s3 = stores.get("s3")
     return StatusRecords(s3 if isinstance(s3, S3Store) else None, default_region=settings.aws_region)
+
+
+def sandbox_options(settings: Settings) -> SandboxOptions:
+    """How experiments are to be confined, and the runner's own files no sandbox grant may hold."""
+    files = [settings.queue_root, settings.working_dir, settings.cache_dir, settings.env_cache_dir]
+    files.extend(path for path in (settings.sqs_certs, settings.s3_cert, settings.s3_key) if path is not None)
+    return SandboxOptions(
+        mode=settings.sandbox,
+        shared_broker=settings.shared_broker,
+        read=settings.sandbox_read,
+        experiment_user=settings.experiment_user,
+        working_dir=settings.working_dir,
+        env_cache_dir=settings.env_cache_dir,
+        runner_files=tuple(files),
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import pwd
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -104,6 +105,14 @@ class Settings:
     spot_notice: str  # "" = off, "aws" or "gcp": whose metadata service announces the machine's reclaim
     spot_budget: float  # seconds; caps the provider's notice time; 0 = the provider's
     metadata_endpoint: str  # base URL of the metadata service; "" = the provider's own
+    sandbox: str  # auto | on | off
+    sandbox_read: tuple[Path, ...]  # directories experiments may read besides the system and their own
+    experiment_user: str  # "" = the runner's user
+
+    @property
+    def shared_broker(self) -> bool:
+        """Whether a network broker is served: whoever can publish there is not this machine's owner."""
+        return bool(self.amqp_url or self.sqs_certs or self.aws_region or self.pubsub_project)
 
     def queue_matcher(self) -> QueueMatcher:
         return QueueMatcher.from_strings(self.queue_match, self.queue_mismatch)
@@ -308,6 +317,29 @@ def _dir_list(text: str, environ: Mapping[str, str]) -> tuple[Path, ...]:
     return tuple(_path(part.strip(), environ) for part in text.split(",") if part.strip())
 
 
+def _sandbox_mode(text: str, environ: Mapping[str, str]) -> str:
+    word = text.strip().lower()
+    if word == "auto":
+        return word
+    if word in _TRUE or word in _FALSE:
+        return "on" if word in _TRUE else "off"
+    raise _Invalid("is not a sandbox mode")
+
+
+def _user(text: str, environ: Mapping[str, str]) -> str:
+    name = text.strip()
+    if not name:
+        return ""
+    try:
+        if name.isascii() and name.isdigit():
+            pwd.getpwuid(int(name))
+        else:
+            pwd.getpwnam(name)
+    except (KeyError, OverflowError):
+        raise _Invalid("is not a user of this machine") from None
+    return name
+
+
 def _optional_file(text: str, environ: Mapping[str, str]) -> Path | None:
     if not text.strip():
         return None
@@ -421,6 +453,7 @@ _QUEUES = "queues"
 _STORAGE = "storage"
 _RESOURCES = "resources"
 _LIFECYCLE = "lifecycle"
+_ISOLATION = "isolation"
 _JOB = "job mode"
 _OPERATIONS = "operations"
 _PRIVACY = "privacy"
@@ -429,6 +462,7 @@ _GROUP_TITLES = {
     _QUEUES: "queues (where experiments come from)",
     _STORAGE: "storage (directories and caches)",
     _RESOURCES: "resources (what experiments may use on this machine)",
+    _ISOLATION: "isolation (what experiments can reach on this machine; docs/security.md)",
     _LIFECYCLE: "lifecycle (stopping, draining and retrying experiments)",
     _JOB: "job mode (exit when the work is done: Kubernetes Jobs, scale to zero)",
     _OPERATIONS: "operations (metrics, logs, debugging)",
@@ -765,6 +799,39 @@ _OPTIONS: tuple[_Option, ...] = (
         _BOOL_FORM,
         "refuse to start without a usable GPU; without it a machine with no NVIDIA driver at all runs CPU-only work",
         switch=True,
+    ),
+    _Option(
+        "sandbox",
+        _ISOLATION,
+        _sandbox_mode,
+        "auto",
+        "one of auto, on, off",
+        "confine experiments with Landlock to the system, their environment, their own directory and the "
+        "--sandbox-read directories; auto = on when a network broker (RabbitMQ, SQS, Pub/Sub) is served, off for "
+        "local queues only; on refuses to start where the kernel has no Landlock",
+        metavar="MODE",
+    ),
+    _Option(
+        "sandbox-read",
+        _ISOLATION,
+        _dir_list,
+        "",
+        "comma-separated directories, or empty",
+        "directories sandboxed experiments may read besides the system's (datasets, shared models); none may hold "
+        "the runner's own directories or credentials",
+        metavar="DIR,...",
+        blank_is_value=True,
+    ),
+    _Option(
+        "experiment-user",
+        _ISOLATION,
+        _user,
+        "",
+        "a user name or number of this machine, or empty",
+        "run experiments as this unprivileged user (the runner must run as root); empty = the runner's user "
+        "(root experiments then run without capabilities when sandboxed)",
+        metavar="USER",
+        blank_is_value=True,
     ),
     _Option(
         "stop-grace",

@@ -27,6 +27,7 @@ from runner.execution.containment import MARKER, Containment, Ownership
 from runner.execution.diskreserve import release, reserve
 from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
+from runner.execution.sandbox import Confinement, Sandbox, SandboxError
 from runner.execution.spawn_check import spawn_problem
 from runner.labels import label_path_part
 from runner.logs import event_fields
@@ -84,6 +85,8 @@ class Tools:
     status_records: StatusRecords = field(default_factory=StatusRecords.disabled)
     # Owner locks and process guards (docs/reliability.md, Containment); None: only the process group is ended.
     containment: Containment | None = None
+    # How experiments are confined (docs/security.md); the default confines nothing.
+    sandbox: Sandbox = field(default_factory=Sandbox)
 
 
 @dataclass
@@ -199,10 +202,14 @@ class Experiment:
         problem = spawn_problem(argv, process_env)
         if problem is not None:
             return ExperimentResult(Outcome.FAILED, f"the process cannot be started: {problem}")
+        confinement = await self._confine(env, process_env)
         phase = time.monotonic()
         self.tools.metrics.dispatch_seconds.observe(phase - self.received_at)
         self._log("process starting", python=str(env.python), script=exp.filename)
-        process = await self._supervise(argv, process_env, deadline)
+        try:
+            process = await self._supervise(argv, process_env, deadline, confinement)
+        finally:
+            confinement.close()
         self.tools.metrics.phase_seconds.labels("run").observe(time.monotonic() - phase)
         return self._judge(process, limit_text)
 
@@ -322,6 +329,7 @@ class Experiment:
         home.mkdir(exist_ok=True)
         cores = self.allocation.cores if self.allocation else 1
         extra = {
+            **self.tools.sandbox.environment(self.dir / "_runner"),
             "STUDIOML_EXPERIMENT": self.key,
             MARKER: str(self.dir.absolute()),  # how the runner finds its processes wherever they go
             "STUDIOML_HOME": str(home),
@@ -343,7 +351,17 @@ class Experiment:
         environment["PATH"] = f"{env.bin_dir}:{environment.get('PATH', '/usr/bin:/bin')}"
         return environment
 
-    async def _supervise(self, argv: list[str], env: dict[str, str], deadline: float | None) -> ProcessResult:
+    async def _confine(self, env: PythonEnv, process_env: Mapping[str, str]) -> Confinement:
+        shared = self.tools.envs.entry(env.key).root
+        confine = self.tools.sandbox.confine
+        try:
+            return await asyncio.to_thread(confine, self.dir, python=env.python, environment=shared, env=process_env)
+        except (SandboxError, OSError) as err:
+            await self._abort(Outcome.INFRASTRUCTURE, f"cannot sandbox the experiment: {err}")
+
+    async def _supervise(
+        self, argv: list[str], env: dict[str, str], deadline: float | None, confinement: Confinement
+    ) -> ProcessResult:
         finished = asyncio.Event()
         not_started: OSError | ValueError | None = None
         async with asyncio.TaskGroup() as tg:
@@ -364,6 +382,7 @@ class Experiment:
                     grace=self.tools.settings.stop_grace,
                     guard=self.tools.containment.guard(self.dir) if self.tools.containment else None,
                     max_output=self.tools.settings.max_output,
+                    spawn=confinement.spawn,
                 )
             except (OSError, ValueError) as err:
                 not_started = err  # ended outside the task group, so that _Abort is not wrapped in a group

@@ -36,6 +36,7 @@ from runner.drain import DrainRequest
 from runner.execution import diskreserve
 from runner.execution.containment import Containment
 from runner.execution.pythonenv import EnvCache
+from runner.execution.sandbox import Sandbox, SandboxError
 from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, Tools
 from runner.http import HttpServer, HttpView
 from runner.intake import Intake
@@ -143,6 +144,7 @@ class Runner:
             except KeyProblem as err:
                 log.error(f"refusing to start: {err} (docs/privacy.md)", extra={"host": self.host})
                 raise StartupRefused(str(err)) from None
+            sandbox = await self._sandbox()
             capacity = await asyncio.to_thread(
                 host.measure, s.working_dir, max_cores=s.max_cores, max_mem=s.max_mem, max_disk=s.max_disk
             )
@@ -171,6 +173,7 @@ class Runner:
                 host=self.host,
                 status_records=backends.make_status_records(s, stores),
                 containment=containment,
+                sandbox=sandbox,
                 settings=LifecycleSettings(
                     working_dir=s.working_dir,
                     stop_grace=s.stop_grace,
@@ -218,6 +221,14 @@ class Runner:
                     gpu_faults.cancel()
                     spot_watch.cancel()
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
+
+    async def _sandbox(self) -> Sandbox:
+        try:
+            options = backends.sandbox_options(self.settings)
+            return await asyncio.to_thread(Sandbox.for_runner, options, self.environ)
+        except SandboxError as err:
+            log.error(f"refusing to start: {err}", extra={"host": self.host})
+            raise StartupRefused(str(err)) from None
 
     def _without_gpus(self, gpus: gpu.GpuInventory) -> gpu.GpuInventory:
         """No usable GPU was found: serve CPU-only work where no NVIDIA driver is installed at all (a workstation, a

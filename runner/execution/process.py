@@ -220,6 +220,21 @@ class ProcessGuard(Protocol):
         """Kill every process of the run that is still alive (its group included); how many there were."""
 
 
+@dataclass(frozen=True)
+class Spawn:
+    """Start the process through a launcher program (the sandbox's: runner/execution/confine.py).
+
+    The command line is ``launcher`` followed by the process's own; it runs with ``launcher_env`` rather than the
+    process's environment (which the launcher receives another way: it must not steer a program that still has the
+    runner's privileges, think ``LD_PRELOAD``) and inherits the descriptors ``pass_fds``. The launcher ends by
+    executing the process, which keeps its pid and process group. No launcher: the process is started directly.
+    """
+
+    launcher: tuple[str, ...] = ()
+    launcher_env: Mapping[str, str] = field(default_factory=dict)
+    pass_fds: tuple[int, ...] = ()
+
+
 @dataclass
 class ProcessResult:
     exit_code: int | None  # None when the process was killed by a signal
@@ -436,6 +451,7 @@ async def run_process(
     child_setup: Sequence[ChildStep] = (),
     guard: ProcessGuard | None = None,
     max_output: int = 0,
+    spawn: Spawn = Spawn(),
 ) -> ProcessResult:
     """Run ``argv`` to the end and report how it ended; its output is appended to ``output``.
 
@@ -446,8 +462,9 @@ async def run_process(
     and the cancellation propagates. Raises ``OSError`` when the program cannot be started.
 
     The process gets SIGKILL when the runner dies. ``child_setup`` steps run in the child between fork and exec, after
-    that one (each must only make calls resolved beforehand). ``guard`` learns the pid, and its ``sweep`` ends what
-    the process left running anywhere -- outside its group too -- as soon as it has exited.
+    that one (each must only make calls resolved beforehand); with a launcher (``spawn``, the sandbox's), the launcher
+    takes care of that itself and no step runs in a fork of the runner. ``guard`` learns the pid, and its ``sweep``
+    ends what the process left running anywhere -- outside its group too -- as soon as it has exited.
     With ``max_output``, at most that many bytes of output are written: its head and its tail (see
     :class:`_Output`).
     """
@@ -460,7 +477,7 @@ async def run_process(
             out.note(f"{_WHY[early]} before the process started: not started")
             return ProcessResult(exit_code=None, signal=None, reason=early, duration=0.0, tail=list(out.tail))
         steps = (Prctl().die_with_parent(), *child_setup)
-        return await _supervise(loop, argv, cwd, env, out, deadline, stop, interrupt, grace, drain, steps, guard)
+        return await _supervise(loop, argv, cwd, env, out, deadline, stop, interrupt, grace, drain, steps, guard, spawn)
     finally:
         await asyncio.to_thread(_close_output, out, file, output)  # the kept tail may be megabytes
 
@@ -492,20 +509,25 @@ async def _supervise(
     drain: float,
     steps: tuple[ChildStep, ...],
     guard: ProcessGuard | None,
+    spawn: Spawn,
 ) -> ProcessResult:
     started = loop.time()
     try:
         transport, protocol = await loop.subprocess_exec(
             lambda: _Protocol(loop, out.line),
+            *spawn.launcher,
             *argv,
             cwd=cwd,
-            env=dict(env),
+            env=dict(spawn.launcher_env if spawn.launcher else env),
+            pass_fds=spawn.pass_fds,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             # One pipe for both streams keeps a traceback in its place among the prints.
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group, so that signals reach everything it started
-            preexec_fn=run_steps(steps),
+            # A launcher ties the process to the runner itself (confine.py --die-with-parent): no preexec_fn, so
+            # no fork of the whole runner while the loop waits.
+            preexec_fn=None if spawn.launcher else run_steps(steps),
         )
     except OSError as err:
         out.note(f"could not start {argv[0]}: {err}")
