@@ -478,26 +478,32 @@ async def test_child_setup_steps_run_in_the_child_between_fork_and_exec(tmp_path
 
 
 RUNNER_KILLED = """
-    import asyncio, sys
+    import asyncio, os, sys
     from pathlib import Path
-    from runner.execution.process import SecretFilter, run_process
+    from runner.execution.process import SecretFilter, Spawn, run_process
+    from runner.execution.sandbox import _LAUNCHER
 
     async def main():
-        code = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(f'pid={os.getpid()}')" \\
+        code = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(f'pid={os.getpid()}', flush=True)" \\
                "; time.sleep(600)"
+        # Through the sandbox's launcher, which ties the process to the runner itself (no preexec_fn then).
+        launched = sys.argv[2] == "launcher"
+        spawn = Spawn(launcher=(*_LAUNCHER, "--die-with-parent", str(os.getpid()), "--")) if launched else Spawn()
         await run_process([sys.executable, "-c", code], cwd=Path.cwd(), env={"PYTHONUNBUFFERED": "1"},
                           output=Path(sys.argv[1]), secret_filter=SecretFilter(), deadline=None,
-                          stop=asyncio.Event(), interrupt=asyncio.Event(), on_line=lambda l: print(l, flush=True))
+                          stop=asyncio.Event(), interrupt=asyncio.Event(), on_line=lambda l: print(l, flush=True),
+                          spawn=spawn)
 
     asyncio.run(main())
 """
 
 
-def test_the_process_dies_when_its_runner_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["direct", "launcher"])
+def test_the_process_dies_when_its_runner_is_killed(tmp_path: Path, start: str) -> None:
     import subprocess
 
     runner = subprocess.Popen(
-        [str(PYTHON), "-c", textwrap.dedent(RUNNER_KILLED), str(tmp_path / "output")],
+        [str(PYTHON), "-c", textwrap.dedent(RUNNER_KILLED), str(tmp_path / "output"), start],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
