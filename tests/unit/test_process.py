@@ -484,8 +484,8 @@ RUNNER_KILLED = """
     from runner.execution.sandbox import _LAUNCHER
 
     async def main():
-        code = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(f'pid={os.getpid()}', flush=True)" \\
-               "; time.sleep(600)"
+        code = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)" \\
+               "; print(f'pid={os.getpid()}', flush=True); time.sleep(600)"
         # Through the sandbox's launcher, which ties the process to the runner itself (no preexec_fn then).
         launched = sys.argv[2] == "launcher"
         spawn = Spawn(launcher=(*_LAUNCHER, "--die-with-parent", str(os.getpid()), "--")) if launched else Spawn()
