@@ -127,9 +127,10 @@ class S3Storage:
     loop: LoopThread
     bucket: str
     client: Any  # boto3 S3 client straight to moto (the harness never goes through the proxy)
+    endpoint: str = ""  # host:port runners reach S3 at (another proxy in front); the chaos proxy when empty
 
     def url(self, object_key: str) -> str:
-        return f"s3://{self.proxy.host}/{self.bucket}/{object_key}"
+        return f"s3://{self.endpoint or self.proxy.host}/{self.bucket}/{object_key}"
 
     def artifact(self, object_key: str, *, mutable: bool, save_frequency: str = "") -> dict[str, Any]:
         artifact: dict[str, Any] = {
@@ -458,3 +459,17 @@ def _idle(runner: RunnerProcess) -> bool:
 
 def row_json(row: Row) -> str:
     return json.dumps(asdict(row))
+
+
+def inject_until_done(scenario: Scenario, faults: list[Callable[[], int]], every: float, timeout: float = 240) -> None:
+    """Apply ``faults`` in turn, one every ``every`` seconds, until every experiment of ``scenario`` succeeded (or
+    ``timeout``); each fault returns how many faults it injected at once (connections cut, ...). Faults the S3 proxy
+    answers with count themselves, as they hit requests."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        if all(scenario.storage.outcome(k) == "succeeded" for k in scenario.keys):
+            return
+        scenario.faults += faults[n % len(faults)]()
+        n += 1
+        time.sleep(every)

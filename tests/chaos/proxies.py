@@ -152,6 +152,7 @@ class ChaosS3Proxy(DamagingProxy):
     hold_downloads: bool = False  # hold GETs/HEADs of workspace blobs (blobstore/...) until released
     hold_uploads: bool = False  # hold writes of experiments/<key>/{output,_results}.tar until released
     unavailable_next: int = 0  # answer the next N requests 503
+    checkpoint_outage: bool = False  # answer 503 to every read of a checkpoint (experiments/<key>/modeldir.tar)
     reset_next: int = 0  # reset the connection of the next N requests without an answer
     faults: int = 0  # 503s, resets, truncations and corruptions answered so far
     held: list[str] = field(default_factory=list)  # what is held now: request paths
@@ -172,8 +173,10 @@ class ChaosS3Proxy(DamagingProxy):
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         path = request.rel_url.path
-        if self.unavailable_next > 0:
-            self.unavailable_next -= 1
+        match = _EXPERIMENT_OBJECT.search(path)
+        reading_checkpoint = request.method in ("GET", "HEAD") and match is not None and match["tag"] == "modeldir"
+        if self.unavailable_next > 0 or (self.checkpoint_outage and reading_checkpoint):
+            self.unavailable_next = max(0, self.unavailable_next - 1)
             self.faults += 1
             await request.read()
             return web.Response(status=503, content_type="application/xml", body=_UNAVAILABLE)

@@ -15,6 +15,8 @@ from tests.integration.aws.conftest import Moto
 from tests.integration.conftest import Sandbox
 from tests.integration.rabbitmq.conftest import Rabbit
 
+pytestmark = pytest.mark.timeout(900)
+
 PHASES = ("download", "run", "upload")
 
 
