@@ -28,10 +28,10 @@ from tests.chaos.proxies import ChaosS3Proxy, LoopThread
 # The integration suite's servers and sandbox, shared rather than copied (pytest registers imported fixtures).
 from tests.integration.aws.conftest import REGION, Moto, moto
 from tests.integration.conftest import Sandbox, env_cache, sandbox
-from tests.integration.pubsub.conftest import PubSubEmulator, pubsub
+from tests.integration.pubsub.conftest import PubSubEmulator, project, pubsub
 from tests.integration.rabbitmq.conftest import Rabbit, rabbit, rabbit_node
 
-__all__ = ["env_cache", "moto", "pubsub", "rabbit", "rabbit_node", "sandbox"]
+__all__ = ["env_cache", "moto", "project", "pubsub", "rabbit", "rabbit_node", "sandbox"]
 
 FULL = os.environ.get("CHAOS", "").lower() == "full"
 _ROWS: list[Row] = []
