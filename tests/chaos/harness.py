@@ -263,6 +263,7 @@ class Scenario:
         slot = self.slot(name)
         assert slot.runner is None or slot.runner.proc.poll() is not None, f"runner {name} is still running"
         environment = {**self.backend.runner_env(), "WORKING_DIR": str(slot.work), "CACHE_DIR": str(slot.cache)}
+        environment["PYTHONFAULTHANDLER"] = "1"  # dump_stacks() can show where a stuck runner is
         environment.update(env)
         slot.started = time.time()
         slot.runner = self.sandbox.start(*self.runner_args, *args, **environment)
@@ -346,6 +347,9 @@ class Scenario:
                     slot.runner = None
             if pending:
                 time.sleep(0.25)
+        if pending:
+            self.notes.append(f"{len(pending)} experiments had not succeeded after {timeout:.0f}s")
+            self.dump_stacks()
         # Settling follows the _results upload: wait until no runner has anything running before stopping them.
         for slot in self.slots.values():
             runner = slot.runner
@@ -412,6 +416,16 @@ class Scenario:
         report(row)
         assert not row.problems(), f"{self.name}: {'; '.join(row.problems())}\n{row.text()}"
         return row
+
+    def dump_stacks(self) -> None:
+        """SIGABRT every live runner: Python's fault handler writes each thread's stack to the runner's log."""
+        for slot in self.slots.values():
+            runner = slot.runner
+            if runner is not None and runner.proc.poll() is None:
+                runner.proc.send_signal(signal.SIGABRT)
+                runner.proc.wait(30)
+                self.notes.append(f"runner {slot.name} was stuck; its stacks are at the end of {runner.log}")
+                slot.runner = None
 
     # -- processes ----------------------------------------------------------------------------------------------
 

@@ -59,7 +59,11 @@ def test_the_rabbitmq_node_killed_and_restarted(
         scenario.submit(size.pick(4, 20), steps=6, step_seconds=0.5)
         scenario.start("a")
         for _ in range(size.pick(1, 5)):
-            ledger.wait_for(lambda runs: bool(scenario.live_runs("a", runs)), 120, "an experiment to run")
+            try:
+                ledger.wait_for(lambda runs: bool(scenario.live_runs("a", runs)), 120, "an experiment to run")
+            except AssertionError:
+                scenario.dump_stacks()
+                raise
             node.kill()
             scenario.faults += 1
             time.sleep(1.5)  # how long the broker stays down
@@ -112,6 +116,7 @@ def two_runners_on_long_runs(scenario: Scenario, count: int, steps: int, report:
     scenario.check(report)
 
 
+@pytest.mark.chaos
 def test_runs_longer_than_the_rabbitmq_consumer_timeout(
     scenarios: list[Scenario],
     sandbox: Sandbox,
@@ -148,6 +153,7 @@ def emulator(request: pytest.FixtureRequest) -> PubSubEmulator:
     return request.getfixturevalue("pubsub")  # type: ignore[no-any-return]
 
 
+@pytest.mark.chaos
 def test_runs_longer_than_a_short_pubsub_ack_deadline(
     scenarios: list[Scenario],
     sandbox: Sandbox,

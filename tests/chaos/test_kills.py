@@ -53,12 +53,14 @@ def test_sigkills_on_the_local_queue(
     )
 
 
+@pytest.mark.chaos
 def test_sigkills_on_rabbitmq(
     scenario_of: Callable[[str, Backend], Scenario], rabbit: Rabbit, size: Size, report: Callable[[Row], None]
 ) -> None:
     kill_in_every_phase(scenario_of("SIGKILL mid-download/run/upload, RabbitMQ", RabbitBackend(rabbit)), size, report)
 
 
+@pytest.mark.chaos
 def test_sigkills_on_sqs(
     scenario_of: Callable[[str, Backend], Scenario], moto: Moto, size: Size, report: Callable[[Row], None]
 ) -> None:

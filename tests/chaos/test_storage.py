@@ -67,6 +67,7 @@ def test_s3_answering_503_resetting_and_cutting_bodies_short(
     scenario.check(report)
 
 
+@pytest.mark.chaos
 def test_s3_connections_cut_and_stalled(
     scenario: Scenario, loop_thread: LoopThread, size: Size, report: Callable[[Row], None]
 ) -> None:
@@ -119,6 +120,7 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.chaos
 def test_a_working_dir_that_fills_up(scenario: Scenario, size: Size, report: Callable[[Row], None]) -> None:
     """Two experiments whose outputs fit on the volume only once each: their uploads must not need a second copy."""
     scenario.name = "full working-dir disk (tmpfs)"
