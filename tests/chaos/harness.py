@@ -269,11 +269,15 @@ class Scenario:
         slot.runner = self.sandbox.start(*self.runner_args, *args, **environment)
         return slot.runner
 
-    def live_runs(self, name: str, runs: list[Run] | None = None) -> list[Run]:
-        """Runs of the slot's current runner whose process is alive."""
+    def runs_of(self, name: str, runs: list[Run] | None = None) -> list[Run]:
+        """Runs started by the slot's current runner."""
         slot = self.slot(name)
         runs = self.ledger.snapshot() if runs is None else runs
-        return [r for r in runs if r.alive and r.directory.startswith(str(slot.work)) and r.started >= slot.started]
+        return [r for r in runs if r.directory.startswith(str(slot.work)) and r.started >= slot.started]
+
+    def live_runs(self, name: str, runs: list[Run] | None = None) -> list[Run]:
+        """Runs of the slot's current runner whose process is alive."""
+        return [r for r in self.runs_of(name, runs) if r.alive]
 
     def kill(self, name: str = "a") -> None:
         """SIGKILL the slot's runner as the OOM killer or a node loss would, and note what that interrupted.
@@ -282,8 +286,7 @@ class Scenario:
         run of it whose work ended is then completed again by a later runner, as at-least-once requires."""
         slot = self.slot(name)
         assert slot.runner is not None
-        runs = self.ledger.snapshot()
-        mine = [r for r in runs if r.directory.startswith(str(slot.work)) and r.started >= slot.started]
+        mine = self.runs_of(name)
         slot.runner.proc.send_signal(signal.SIGKILL)
         slot.runner.proc.wait(30)
         self.faults += 1
@@ -329,7 +332,9 @@ class Scenario:
         if phase == "download":
             self.kill_when(name, lambda: bool(self.storage.proxy.held), "a held workspace download")
         elif phase == "run":
-            self.kill_when(name, lambda: bool(self.live_runs(name)), "a running experiment")
+            # Any run of this runner will do: one resuming from a finished checkpoint ends at once, and is then held
+            # in its upload (the kill finds it after its work ended: it must complete once more).
+            self.kill_when(name, lambda: bool(self.runs_of(name)), "an experiment to start")
         else:
             self.kill_when(name, lambda: bool(self.storage.proxy.held_keys()), "a held results upload")
 

@@ -131,6 +131,7 @@ def test_runs_longer_than_the_rabbitmq_consumer_timeout(
     two_runners_on_long_runs(scenario, size.pick(4, 12), 5, report)
 
 
+@pytest.mark.chaos
 def test_runs_longer_than_the_sqs_visibility_timeout(
     scenarios: list[Scenario],
     sandbox: Sandbox,
