@@ -286,21 +286,23 @@ class Scenario:
         run of it whose work ended is then completed again by a later runner, as at-least-once requires."""
         slot = self.slot(name)
         assert slot.runner is not None
-        mine = self.runs_of(name)
+        killed_at = time.time()
         slot.runner.proc.send_signal(signal.SIGKILL)
         slot.runner.proc.wait(30)
         self.faults += 1
-        unsettled = {r.key for r in mine if self.storage.outcome(r.key) != "succeeded"}
-        self.interrupted_after_end.update({r.key for r in mine if r.completed and r.key in unsettled})
-        self.interrupted_mid_run |= {r.key for r in mine if not r.completed and r.alive}
         # Its experiments must die with it. One that is still alive a moment later, or that went on to finish its
         # work after its runner was gone, is an orphan.
-        killed_at = time.time()
-        alive = {(r.key, r.pid) for r in mine if r.alive}
+        alive = {(r.key, r.pid) for r in self.runs_of(name) if r.started <= killed_at and r.alive}
         with contextlib.suppress(AssertionError):
             self.ledger.wait_for(
                 lambda now: not [r for r in now if r.alive and (r.key, r.pid) in alive], 5, "the experiments to end"
             )
+        # What the runner had started by the kill; every line sent before it has arrived now (the runs are closed).
+        mine = [r for r in self.runs_of(name) if r.started <= killed_at]
+        unsettled = {r.key for r in mine if self.storage.outcome(r.key) != "succeeded"}
+        ended = {r.key for r in mine if r.ended is not None and r.ended <= killed_at}
+        self.interrupted_after_end.update(ended & unsettled)
+        self.interrupted_mid_run |= {key for key, _ in alive} - ended
         for run in self.ledger.snapshot():
             if (run.key, run.pid) in alive and (
                 run.closed is None or run.closed > killed_at + ORPHAN_GRACE or (run.ended or 0) > killed_at
