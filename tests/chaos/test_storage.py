@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +36,8 @@ def test_s3_answering_503_resetting_and_cutting_bodies_short(
 ) -> None:
     scenario.name = "S3 503s (a checkpoint outage), resets, truncated and damaged bodies"
     keys = scenario.submit(size.pick(4, 20), steps=4, step_seconds=0.5)
-    for key in keys[::2]:  # half of them resume from a checkpoint, which staging must not mistake for absent
+    seeded = set(keys[::2])  # half of them resume from a checkpoint, which staging must not mistake for absent
+    for key in seeded:
         scenario.seed_checkpoint(key, 2)
     proxy = scenario.storage.proxy
 
@@ -57,11 +57,16 @@ def test_s3_answering_503_resetting_and_cutting_bodies_short(
         proxy.corrupt = 1
         return 0
 
-    # First an outage of checkpoint reads while the first experiments stage (a transient error is not "absent").
+    # First an outage of checkpoint reads that lasts until the first delivery of a checkpointed experiment is over:
+    # either requeued (right: a transient error is not "absent") or run from scratch (wrong: its checkpoint is lost).
     proxy.checkpoint_outage = True
-    scenario.start("a").wait_ready()
-    wait_until(lambda: proxy.faults > 0, 60, "a checkpoint read to meet the outage")
-    time.sleep(2.5)  # how long the outage lasts, not a wait for something to happen
+    runner = scenario.start("a")
+
+    def first_delivery_over() -> bool:
+        finished = {e.get("key") for e in runner.events() if e.get("message") == "experiment finished"}
+        return bool(seeded & finished) or any(run.key in seeded for run in scenario.ledger.snapshot())
+
+    wait_until(first_delivery_over, 120, "the first delivery of a checkpointed experiment to end")
     proxy.checkpoint_outage = False
     inject_until_done(scenario, [unavailable, reset, truncate, corrupt], every=1.0)
     scenario.check(report)
