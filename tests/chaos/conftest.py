@@ -27,9 +27,9 @@ from tests.chaos.proxies import ChaosS3Proxy, LoopThread
 
 # The integration suite's servers and sandbox, shared rather than copied (pytest registers imported fixtures).
 from tests.integration.aws.conftest import REGION, Moto, moto
-from tests.integration.conftest import Sandbox, env_cache, sandbox
-from tests.integration.pubsub.conftest import PubSubEmulator, project, pubsub
-from tests.integration.rabbitmq.conftest import Rabbit, rabbit, rabbit_node
+from tests.integration.conftest import env_cache, sandbox
+from tests.integration.pubsub.conftest import project, pubsub
+from tests.integration.rabbitmq.conftest import rabbit, rabbit_node
 
 __all__ = ["env_cache", "moto", "project", "pubsub", "rabbit", "rabbit_node", "sandbox"]
 
@@ -123,6 +123,3 @@ def storage(moto: Moto, loop_thread: LoopThread) -> Iterator[S3Storage]:
     finally:
         loop_thread.call(proxy.release())
         loop_thread.call(proxy.close())
-
-
-__all__ += ["PubSubEmulator", "Rabbit", "Sandbox"]
