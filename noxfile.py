@@ -1,6 +1,9 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s fuzz``, ``nox -s bench``."""
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s fuzz``, ``nox -s bench``, ``nox -s chaos``,
+``nox -s image``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -14,6 +17,21 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     # pytest exits 5 when it collected nothing; nox fails on any non-zero exit, so an empty run fails.
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Every chaos scenario at full size (tests/chaos; ``nox -s tests`` runs a reduced few), then their figures as
+    the markdown table of docs/reliability.md. A few minutes on 2 cores."""
+    session.install("-e", ".[test]")
+    figures = Path(".chaos/figures.jsonl")
+    figures.parent.mkdir(exist_ok=True)
+    figures.write_text("")
+    env = {"CHAOS": "full", "CHAOS_REPORT": str(figures)}
+    try:
+        session.run("pytest", "tests/chaos", "-p", "no:cacheprovider", *session.posargs, env=env)
+    finally:
+        session.run("python", "-m", "tests.chaos.report", str(figures))
 
 
 @nox.session

@@ -99,11 +99,16 @@ class BrokerUnavailable(Exception):
 
 
 def _tls_error(err: BaseException) -> ssl.SSLError | None:
-    """The TLS failure behind ``err``: aiormq re-raises it as a connection error whose cause it is."""
+    """The TLS failure behind ``err``: aiormq re-raises it as a connection error whose cause it is.
+
+    A chain can loop (aiormq's reader and connection set each other's errors as context when the broker dies), so
+    each exception is looked at once: an endless walk here would block the event loop, experiments included."""
+    visited: set[int] = set()
     seen: BaseException | None = err
-    while seen is not None:
+    while seen is not None and id(seen) not in visited:
         if isinstance(seen, ssl.SSLError):
             return seen
+        visited.add(id(seen))
         seen = seen.__cause__ or seen.__context__
     return None
 
