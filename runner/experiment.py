@@ -24,8 +24,8 @@ from typing import Any, NoReturn
 
 from runner.clip import clip
 from runner.execution.containment import MARKER, Containment, Ownership
-from runner.execution.diskreserve import release, reserve
-from runner.execution.process import ProcessResult, SecretFilter, build_environment, experiment_argv, run_process
+from runner.execution.diskreserve import UPLOAD_RESERVE, release, reserve
+from runner.execution.process import ProcessResult, SecretFilter, Spawn, build_environment, experiment_argv, run_process
 from runner.execution.pythonenv import EnvBuildError, EnvCache, PythonEnv, append_log, normalise_requirements
 from runner.execution.sandbox import Confinement, Sandbox, SandboxError
 from runner.execution.spawn_check import spawn_problem
@@ -69,6 +69,7 @@ class LifecycleSettings:
     allow_env_secrets: bool = False
     max_disk: int = 0  # bytes an experiment may stage when its request names no hdd; 0 = no budget
     max_output: int = 0  # bytes of the process's output kept (head and tail); 0 = all of it
+    upload_reserve: int = UPLOAD_RESERVE  # bytes set aside in each experiment directory for its final uploads
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Experiment:
     async def run(self) -> ExperimentResult:
         try:
             self.dir = await asyncio.to_thread(self._make_dir)
-            self._reserve = await asyncio.to_thread(reserve, self.dir)
+            self._reserve = await asyncio.to_thread(reserve, self.dir, self.tools.settings.upload_reserve)
             try:
                 result = await self._run_in_dir()
             except _Abort as abort:
@@ -352,6 +353,8 @@ class Experiment:
         return environment
 
     async def _confine(self, env: PythonEnv, process_env: Mapping[str, str]) -> Confinement:
+        if not self.tools.sandbox.confines:
+            return Confinement(Spawn())
         shared = self.tools.envs.entry(env.key).root
         confine = self.tools.sandbox.confine
         try:

@@ -151,8 +151,9 @@ class Runner:
             gpus = await gpu.take_inventory(self.environ, cpu_only=s.cpu_only)
             if not s.cpu_only and not gpus.healthy:
                 gpus = self._without_gpus(gpus)
+            upload_reserve = diskreserve.reserve_size(capacity.disk)
             self.allocator = Allocator(
-                capacity, on_change=self._publish_capacity, gpus=gpus, disk_reserve=diskreserve.UPLOAD_RESERVE
+                capacity, on_change=self._publish_capacity, gpus=gpus, disk_reserve=upload_reserve
             )
             self._publish_capacity(self.allocator)
             self.intake = Intake(self.allocator, limit_tasks=s.limit_tasks)
@@ -182,6 +183,7 @@ class Runner:
                     allow_env_secrets=s.allow_env_secrets,
                     max_disk=capacity.disk,
                     max_output=s.max_output_size,
+                    upload_reserve=upload_reserve,
                 ),
             )
             if (listen := s.prom_listen()) is not None:

@@ -23,6 +23,12 @@ UPLOAD_RESERVE: Final = 96 * MIB
 RESERVE_NAME: Final = ".runner-reserve"
 
 
+def reserve_size(disk_capacity: int) -> int:
+    """The reserve of each experiment on a runner offering ``disk_capacity`` bytes: :data:`UPLOAD_RESERVE`, or an
+    eighth of a small budget (``--max-disk 10mib`` on a test machine must still admit work)."""
+    return min(UPLOAD_RESERVE, max(0, disk_capacity) // 8)
+
+
 def reserve(directory: Path, size: int = UPLOAD_RESERVE) -> Path | None:
     """Allocate ``size`` bytes in ``directory`` (blocking: call in a worker thread); the file, or None when the space
     is not there (the experiment runs anyway, without a reserve)."""

@@ -126,6 +126,11 @@ class Sandbox:
     drop_capabilities: bool = False
     own_home: bool = False
 
+    @property
+    def confines(self) -> bool:
+        """Whether experiments are started through the launcher at all (False: the sandbox is off)."""
+        return bool(self.landlock_abi or self.user or self.drop_capabilities)
+
     # ------------------------------------------------------------------------------------------- per experiment
 
     def environment(self, private: Path) -> dict[str, str]:
@@ -149,7 +154,7 @@ class Sandbox:
         virtualenv ``environment``, with the environment variables ``env``: through the launcher (confine.py), or
         directly when this sandbox confines nothing. Blocking: builds the ruleset, writes ``env`` to a memfd and, with
         an experiment user, hands the directory over to it. Raises :class:`SandboxError` or OSError."""
-        if not (self.landlock_abi or self.user or self.drop_capabilities):
+        if not self.confines:
             return Confinement(Spawn())
         confinement = Confinement(Spawn())
         try:
