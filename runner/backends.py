@@ -14,6 +14,7 @@ from runner.amqp_endpoint import AmqpEndpoint
 from runner.config import Settings
 from runner.queues.base import Broker
 from runner.queues.local import LocalBroker
+from runner.queues.matcher import QueueMatcher
 from runner.queues.pubsub import PubSubBroker
 from runner.queues.rabbitmq import RabbitBroker
 from runner.queues.sqs import SqsBroker
@@ -28,9 +29,10 @@ from runner.storage.transfer import TransferPool
 log = logging.getLogger(__name__)
 
 
-async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker]:
-    """Open every configured broker; each is closed by ``stack`` when the runner stops."""
-    matcher = settings.queue_matcher()
+async def open_brokers(settings: Settings, stack: AsyncExitStack, matcher: QueueMatcher | None = None) -> list[Broker]:
+    """Open every configured broker, all sharing ``matcher`` (default: the settings'); each is closed by ``stack``
+    when the runner stops."""
+    matcher = matcher or settings.queue_matcher()
     brokers: list[Broker] = []
     local = LocalBroker(
         settings.queue_root,
