@@ -179,3 +179,16 @@ async def test_outside_a_pod_cluster_control_is_off_with_one_line(caplog: pytest
     assert [r.getMessage() for r in caplog.records] == [
         "not in a Kubernetes pod: cluster control off (--k8s-kubeconfig turns it on outside a pod)"
     ]
+
+
+@pytest.mark.skipif(k8s.SERVICE_ACCOUNT_NAMESPACE.exists(), reason="this machine is a pod with a service account")
+async def test_a_pod_without_service_account_credentials_serves_with_its_settings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="runner.k8s")
+    settings = load_settings([], {})
+    seen: list[Control] = []
+    in_a_pod = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "6443", "HOSTNAME": "runner-0"}
+    await asyncio.wait_for(k8s.watch(settings, in_a_pod, seen.append), 60)
+    assert seen == [Control(State.RUNNING, settings.queue_match, settings.queue_mismatch)]
+    assert [r.getMessage() for r in caplog.records] == ["cluster control off: Service token file does not exist."]
