@@ -165,7 +165,7 @@ async def _connect(settings: Settings, environ: Mapping[str, str]) -> AsyncItera
                 config.load_incluster_config, client_configuration=configuration, environ=dict(environ)
             )
             namespace = namespace or await asyncio.to_thread(_pod_namespace)
-    except (config.ConfigException, OSError) as err:
+    except Exception as err:  # the loaders raise more than ConfigException for a malformed file or environment
         raise _NoCluster(str(err) or type(err).__name__) from None
     async with client.ApiClient(configuration) as api:
         yield client.CoreV1Api(api), namespace
