@@ -1,5 +1,5 @@
 """Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s fuzz``, ``nox -s bench``, ``nox -s chaos``,
-``nox -s image``."""
+``nox -s image``, ``nox -s k8s``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", "runner", "tests", "bench", "image", "noxfile.py")
     session.run("mypy", "--strict", "runner")
     session.run("hadolint", "Containerfile")
+
+
+@nox.session
+def k8s(session: nox.Session) -> None:
+    """Cluster control against a real kube-apiserver and etcd (docs/kubernetes.md). The first run builds
+    kube-apiserver from Debian's kubernetes source package (apt-get, as root or with sudo; about nine minutes on two
+    cores) into ~/.cache/studio-runner-k8s; later runs reuse it. Not part of .ci/run, where tests/k8s skips."""
+    session.run("bash", "tests/k8s/build_apiserver.sh", external=True)
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/k8s", "tests/unit/test_cluster_control.py", *session.posargs)
 
 
 @nox.session

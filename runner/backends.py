@@ -15,6 +15,7 @@ from runner.config import Settings
 from runner.execution.sandbox import SandboxOptions
 from runner.queues.base import Broker
 from runner.queues.local import LocalBroker
+from runner.queues.matcher import QueueMatcher
 from runner.queues.pubsub import PubSubBroker
 from runner.queues.rabbitmq import RabbitBroker
 from runner.queues.sqs import SqsBroker
@@ -29,9 +30,10 @@ from runner.storage.transfer import TransferPool
 log = logging.getLogger(__name__)
 
 
-async def open_brokers(settings: Settings, stack: AsyncExitStack) -> list[Broker]:
-    """Open every configured broker; each is closed by ``stack`` when the runner stops."""
-    matcher = settings.queue_matcher()
+async def open_brokers(settings: Settings, stack: AsyncExitStack, matcher: QueueMatcher | None = None) -> list[Broker]:
+    """Open every configured broker, all sharing ``matcher`` (default: the settings'); each is closed by ``stack``
+    when the runner stops."""
+    matcher = matcher or settings.queue_matcher()
     brokers: list[Broker] = []
     local = LocalBroker(
         settings.queue_root,

@@ -109,6 +109,10 @@ class Settings:
     sandbox_read: tuple[Path, ...]  # directories experiments may read besides the system and their own
     experiment_user: str  # "" = the runner's user
 
+    k8s_configmap: str  # the cluster-wide ConfigMap of cluster control (runner/k8s.py)
+    k8s_namespace: str  # where the ConfigMaps are; "" = the pod's own namespace
+    k8s_kubeconfig: Path | None  # None = the pod's service account (in a cluster) or cluster control off
+
     @property
     def shared_broker(self) -> bool:
         """Whether a network broker is served: whoever can publish there is not this machine's owner."""
@@ -262,6 +266,20 @@ def _http_url(text: str, environ: Mapping[str, str]) -> str:
     if url and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
         raise _Invalid("is not an http(s) URL")
     return url
+
+
+def _k8s_name(text: str, environ: Mapping[str, str]) -> str:
+    name = text.strip()
+    if len(name) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name):
+        raise _Invalid("is not a Kubernetes object name")
+    return name
+
+
+def _k8s_namespace(text: str, environ: Mapping[str, str]) -> str:
+    name = text.strip()
+    if name and (len(name) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)):
+        raise _Invalid("is not a Kubernetes namespace name")
+    return name
 
 
 def _log_format(text: str, environ: Mapping[str, str]) -> str:
@@ -457,6 +475,7 @@ _ISOLATION = "isolation"
 _JOB = "job mode"
 _OPERATIONS = "operations"
 _PRIVACY = "privacy"
+_CLUSTER = "cluster"
 
 _GROUP_TITLES = {
     _QUEUES: "queues (where experiments come from)",
@@ -467,6 +486,7 @@ _GROUP_TITLES = {
     _JOB: "job mode (exit when the work is done: Kubernetes Jobs, scale to zero)",
     _OPERATIONS: "operations (metrics, logs, debugging)",
     _PRIVACY: "privacy (encrypted and signed requests: docs/privacy.md)",
+    _CLUSTER: "cluster control (Kubernetes ConfigMaps: docs/kubernetes.md)",
 }
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -1007,6 +1027,38 @@ _OPTIONS: tuple[_Option, ...] = (
         _BOOL_FORM,
         "accept unencrypted requests; =false dead-letters them (studio-go-runner 0.14 defaulted to false)",
         switch=True,
+    ),
+    _Option(
+        "k8s-configmap",
+        _CLUSTER,
+        _k8s_name,
+        "studioml-go-runner",
+        "a Kubernetes object name",
+        "in a Kubernetes pod, the ConfigMap whose STATE (Running, DrainAndSuspend, DrainAndTerminate), QUEUE_MATCH "
+        "and QUEUE_MISMATCH steer every runner of the namespace, live; the ConfigMap named after the pod ($HOSTNAME) "
+        "overrides it for one runner",
+        metavar="NAME",
+    ),
+    _Option(
+        "k8s-namespace",
+        _CLUSTER,
+        _k8s_namespace,
+        "",
+        "a Kubernetes namespace name, or empty",
+        "namespace of those ConfigMaps; empty = the pod's own",
+        metavar="NAMESPACE",
+        blank_is_value=True,
+    ),
+    _Option(
+        "k8s-kubeconfig",
+        _CLUSTER,
+        _optional_file,
+        "",
+        "a kubeconfig file, or empty",
+        "reach the cluster with this kubeconfig instead of the pod's service account (outside a pod: tests, "
+        "a workstation); empty = cluster control only inside a pod",
+        metavar="FILE",
+        blank_is_value=True,
     ),
 )
 

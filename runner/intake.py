@@ -2,7 +2,8 @@
 
 Each queue remembers the resources its last message asked for (unknown: one core), and its consumer waits until the
 allocator could grant that much. A queue may be paused for a while (back-off). Intake closes for good on drain or
-when the job-mode task limit is reached.
+when the job-mode task limit is reached; it may be suspended and resumed (cluster control: a ConfigMap's
+``STATE: DrainAndSuspend``, then ``Running``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Intake:
         self._needs: dict[QueueRef, Resources] = {}
         self._paused_until: dict[QueueRef, float] = {}
         self._closed = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
 
     @property
     def is_open(self) -> bool:
@@ -32,6 +35,18 @@ class Intake:
 
     def close(self) -> None:
         self._closed.set()
+
+    @property
+    def suspended(self) -> bool:
+        return not self._resumed.is_set()
+
+    def suspend(self) -> None:
+        """Take nothing until resume(); experiments already taken go on. Brokers whose consumers wait on credit
+        (RabbitMQ) hand their queues back, as when capacity is gone."""
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
 
     def credit(self, queue: QueueRef) -> QueueCredit:
         return QueueCredit(self, queue)
@@ -54,7 +69,7 @@ class Intake:
         return self._needs.get(queue, _DEFAULT_NEEDS)
 
     def available(self, queue: QueueRef) -> int:
-        if not self.is_open or self._paused_until.get(queue, 0.0) > time.monotonic():
+        if not self.is_open or self.suspended or self._paused_until.get(queue, 0.0) > time.monotonic():
             return 0
         needs = self.needs(queue)
         if self.allocator.never_fits(needs) is not None:
@@ -68,6 +83,9 @@ class Intake:
         while True:
             if not self.is_open:
                 await asyncio.Future()  # intake never reopens; the consumer is cancelled on shutdown
+            if self.suspended:
+                await self._resumed.wait()
+                continue
             pause = self._paused_until.get(queue, 0.0) - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)

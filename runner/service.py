@@ -29,7 +29,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from runner import backends, spot
+from runner import backends, k8s, spot
 from runner.clip import clip
 from runner.config import Settings
 from runner.drain import DrainRequest
@@ -129,6 +129,7 @@ class Runner:
         self._tools: Tools | None = None
         self._experiments: asyncio.TaskGroup | None = None
         self._privacy: Privacy | None = None
+        self.queues = settings.queue_matcher()  # shared by the brokers; cluster control replaces its patterns
 
     # ----------------------------------------------------------------- serve
 
@@ -157,6 +158,8 @@ class Runner:
             )
             self._publish_capacity(self.allocator)
             self.intake = Intake(self.allocator, limit_tasks=s.limit_tasks)
+            if k8s.configured(s, self.environ):
+                self.intake.suspend()  # until the cluster's ConfigMaps have answered: they may say DrainAndSuspend
             brokers = await self._open_brokers(stack)
             stores = self._stores if self._stores is not None else backends.make_stores(s)
             for store in stores.values():
@@ -214,6 +217,7 @@ class Runner:
                     watchdog = services.create_task(self._watchdog())
                     gpu_faults = services.create_task(gpu.watch_faults(gpus.devices, self.allocator.set_gpu_faults))
                     spot_watch = services.create_task(self._watch_spot_notices())
+                    cluster = services.create_task(k8s.watch(s, self.environ, self._apply_cluster_control))
                     await self._until_stop(trigger)
                     self._ready = True  # stays ready while draining: scrapes keep working
                     self.intake.close()
@@ -222,6 +226,7 @@ class Runner:
                     watchdog.cancel()
                     gpu_faults.cancel()
                     spot_watch.cancel()
+                    cluster.cancel()
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
 
     async def _sandbox(self) -> Sandbox:
@@ -255,7 +260,7 @@ class Runner:
     async def _open_brokers(self, stack: AsyncExitStack) -> list[Broker]:
         if self._brokers is not None:
             return self._brokers
-        return await backends.open_brokers(self.settings, stack)
+        return await backends.open_brokers(self.settings, stack, self.queues)
 
     def _signal_trigger(self, stack: AsyncExitStack) -> ShutdownTrigger:
         loop = asyncio.get_running_loop()
@@ -312,6 +317,17 @@ class Runner:
         if request.deadline is not None:
             self._budget_arrived.set()
         self._drain_requested.set()
+
+    def _apply_cluster_control(self, control: k8s.Control) -> None:
+        """What the cluster's ConfigMaps ask (runner/k8s.py): the queue regexes, and whether to take work."""
+        assert self.intake is not None
+        self.queues.replace(control.queue_match, control.queue_mismatch)
+        if control.state is k8s.State.DRAIN_AND_TERMINATE:
+            self.request_drain(DrainRequest("the cluster asked this runner to drain and terminate (ConfigMap STATE)"))
+        elif control.state is k8s.State.DRAIN_AND_SUSPEND:
+            self.intake.suspend()
+        else:
+            self.intake.resume()
 
     async def _watch_spot_notices(self) -> None:
         s = self.settings
@@ -640,6 +656,7 @@ class Runner:
             "host": self.host,
             "draining": self._stopping.is_set(),
             "intake_open": bool(self.intake and self.intake.is_open),
+            "intake_suspended": bool(self.intake and self.intake.suspended),
             "experiments_taken": self.intake.taken if self.intake else 0,
             "running": [
                 {

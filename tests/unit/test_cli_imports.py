@@ -5,7 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("aiohttp", "aiormq", "pamqp", "aiobotocore", "botocore", "gcloud", "pynvml", "prometheus_client")
+HEAVY = (
+    "aiohttp",
+    "aiormq",
+    "pamqp",
+    "aiobotocore",
+    "botocore",
+    "gcloud",
+    "pynvml",
+    "prometheus_client",
+    "kubernetes_asyncio",
+)
 
 PROBE = """
 import contextlib, sys

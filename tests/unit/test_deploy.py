@@ -170,9 +170,21 @@ def test_the_sqs_trigger_counts_in_flight_and_delayed_messages() -> None:
     assert trigger["metadata"]["scaleOnInFlight"] == "true" and trigger["metadata"]["scaleOnDelayed"] == "true"
 
 
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_every_runner_may_read_configmaps_for_cluster_control_and_nothing_else(overlay: str) -> None:
+    manifests = build(DEPLOY / "base" if overlay == "base" else DEPLOY / "overlays" / overlay)
+    account = manifests["ServiceAccount"]["metadata"]["name"]
+    assert pod_spec(manifests)["serviceAccountName"] == account
+    binding = manifests["RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert binding["roleRef"]["name"] == manifests["Role"]["metadata"]["name"]
+    [rule] = manifests["Role"]["rules"]
+    assert rule == {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}
+
+
 # --- validation against the API's schemas ---------------------------------------------------------------------------
 
-CORE_KINDS = {"ConfigMap", "Deployment", "ServiceAccount", "PersistentVolumeClaim"}
+CORE_KINDS = {"ConfigMap", "Deployment", "ServiceAccount", "PersistentVolumeClaim", "Role", "RoleBinding"}
 
 
 def _documents(overlay: str) -> list[dict[str, Any]]:
