@@ -58,7 +58,9 @@ import filelock
 
 from runner.queues.base import Credit, QueueGone, QueueRef
 from runner.queues.local_changes import DirectoryChanges, DirectoryWatch
+from runner.queues.local_responses import LocalResponseQueue, response_dir_exists
 from runner.queues.matcher import QueueMatcher
+from runner.queues.responses import response_queue_name
 
 if TYPE_CHECKING:
     from runner.queues.base import Broker, Delivery
@@ -669,6 +671,14 @@ class LocalBroker:
             _fsync_dir(queue_dir)
         finally:
             scratch.unlink(missing_ok=True)
+
+    async def response_queue(self, queue: QueueRef) -> LocalResponseQueue | None:
+        """Where reports of ``queue`` go (runner/queues/responses.py): the directory ``<queue>_response`` under root,
+        when someone made it."""
+        name = response_queue_name(queue.name)
+        if not await asyncio.to_thread(response_dir_exists, self.root, name):
+            return None
+        return LocalResponseQueue(self.root, name, self.root / INCOMING_DIR)
 
     async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[LocalDelivery, None]:
         """Yield the messages of ``queue`` oldest first, each only after ``credit.wait()``; raises QueueGone.

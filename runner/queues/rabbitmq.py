@@ -63,6 +63,8 @@ from runner.amqp_endpoint import AmqpEndpoint
 from runner.queues.base import Credit, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.rabbitmq_orphans import plan_sweep
+from runner.queues.rabbitmq_responses import RabbitResponseQueue
+from runner.queues.responses import response_queue_name
 
 if TYPE_CHECKING:
     from runner.queues.base import Broker, Delivery
@@ -750,6 +752,18 @@ class RabbitBroker:
         message_id = await publish_request(conn, queue, body)
         log.info("published", extra={"queue": queue, "message_id": message_id})
         return message_id
+
+    async def response_queue(self, queue: QueueRef) -> RabbitResponseQueue | None:
+        """Where reports of ``queue`` go (runner/queues/responses.py): ``<queue>_response`` when a queue of that
+        name exists on this virtual host."""
+        name = response_queue_name(queue.name)
+        try:
+            conn = await asyncio.wait_for(self._link.connection(), self._connect_timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(f"not connected to RabbitMQ at {self.endpoint.shown}") from None
+        if not await _exists(conn, "queue", name):
+            return None
+        return RabbitResponseQueue(name, self._link.connection, exchange=EXCHANGE, routing_key=ROUTING_PREFIX + name)
 
     # -- consuming -----------------------------------------------------------------------------------------------
 
