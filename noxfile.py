@@ -1,5 +1,5 @@
 """Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s fuzz``, ``nox -s bench``, ``nox -s chaos``,
-``nox -s image``, ``nox -s k8s``."""
+``nox -s image``, ``nox -s k8s``, ``nox -s proto``."""
 
 from __future__ import annotations
 
@@ -93,3 +93,10 @@ def fuzz(session: nox.Session) -> None:
         "--timeout=0",
         env={"FUZZ_EXAMPLES": examples},
     )
+
+
+@nox.session
+def proto(session: nox.Session) -> None:
+    """Compile runner/proto/reports.proto into the descriptor set the runner loads (runner/proto/reports.pb)."""
+    session.install("grpcio-tools")
+    session.run("python", "-m", "tests.report_proto", "--write")

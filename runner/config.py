@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -102,6 +103,8 @@ class Settings:
     encrypt_dir: Path | None  # the runner's message key, in studio-go-runner's layout; None = no encrypted requests
     request_signatures_dir: Path | None  # one ssh-ed25519 public key per queue-name prefix
     clear_text_messages: bool  # whether unencrypted requests are accepted
+    response_signatures_dir: Path | None  # experimenters' RSA report keys, one per queue-name prefix
+    slack_hook: str  # webhook URL for runner notices; "" = none. The URL is the credential: never logged
     spot_notice: str  # "" = off, "aws" or "gcp": whose metadata service announces the machine's reclaim
     spot_budget: float  # seconds; caps the provider's notice time; 0 = the provider's
     metadata_endpoint: str  # base URL of the metadata service; "" = the provider's own
@@ -141,6 +144,7 @@ class Settings:
         out["prom_address"] = self.prom_address or "off"
         out["amqp_url"] = redact_url(self.amqp_url) or "off"
         out["amqp_mgt_url"] = redact_url(self.amqp_mgt_url) or "derived from amqp_url"
+        out["slack_hook"] = hidden_url(self.slack_hook) or "off"
         return out
 
 
@@ -331,6 +335,27 @@ def _optional_dir(text: str, environ: Mapping[str, str]) -> Path | None:
     return _path(text, environ) if text.strip() else None
 
 
+def hidden_url(url: str) -> str:
+    """``url`` with only its scheme and host shown: a webhook's path is its password."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/****"
+
+
+def _webhook_url(text: str, environ: Mapping[str, str]) -> str:
+    if not text.strip():
+        return ""
+    try:
+        url = expand_variables(text.strip(), environ)
+        parts = urlsplit(url)
+    except ValueError as err:
+        raise _Invalid(str(err)) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid("is not an http:// or https:// URL with a host")
+    return url
+
+
 def _dir_list(text: str, environ: Mapping[str, str]) -> tuple[Path, ...]:
     return tuple(_path(part.strip(), environ) for part in text.split(",") if part.strip())
 
@@ -454,6 +479,7 @@ class _Option:
     blank_is_value: bool = False  # "" means something for this option, so an empty env var is not "unset"
     switch: bool = False  # a boolean flag that takes no value on the command line
     secret: bool = False  # the value may hold a password: problems show it masked
+    mask: Callable[[str], str] | None = None  # how problems show a secret value; default: its URL password masked
 
     @property
     def env(self) -> str:
@@ -979,6 +1005,19 @@ _OPTIONS: tuple[_Option, ...] = (
         metavar="N",
     ),
     _Option(
+        "slack-hook",
+        _OPERATIONS,
+        _webhook_url,
+        "",
+        "an http(s) URL, or empty ($VAR and ${VAR} are expanded)",
+        "Slack incoming-webhook URL (or any webhook taking Slack's JSON) told of runner start and stop and of "
+        "failed experiments, rate-limited; empty = none (docs/notifications.md)",
+        metavar="URL",
+        blank_is_value=True,
+        secret=True,
+        mask=hidden_url,
+    ),
+    _Option(
         "log-format",
         _OPERATIONS,
         _log_format,
@@ -1016,6 +1055,18 @@ _OPTIONS: tuple[_Option, ...] = (
         f"{_PATH_FORM}, or empty",
         "one file per queue-name prefix holding the experimenter's 'ssh-ed25519 AAAA...' public key; encrypted "
         "requests must be signed by the key of the longest prefix of their queue's name; re-read while running",
+        metavar="DIR",
+        blank_is_value=True,
+    ),
+    _Option(
+        "response-signatures-dir",
+        _PRIVACY,
+        _optional_dir,
+        "./certs/queues/response-encrypt",
+        f"{_PATH_FORM}, or empty",
+        "one file per queue-name prefix holding an experimenter's RSA public key (PEM); when <queue>_response exists "
+        "and the longest prefix of its name has a key, experiments from <queue> publish reports there, encrypted "
+        "for that key; re-read while running; empty = no reports",
         metavar="DIR",
         blank_is_value=True,
     ),
@@ -1207,7 +1258,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
                 raise _Invalid("is empty")
             values[option.field] = option.parse(text, environ)
         except _Invalid as invalid:
-            shown = _shown(redact_url(text) if option.secret else text)
+            shown = _shown((option.mask or redact_url)(text) if option.secret else text)
             problems.append(f"--{option.flag} ({source}): {shown} {invalid.reason}; expected {option.form}")
     if problems:
         raise ConfigError(problems)

@@ -124,6 +124,7 @@ class Experiment:
         interrupt: asyncio.Event,
         received_at: float | None = None,
         interrupt_reason: Callable[[], str] = lambda: "the runner is shutting down",
+        on_output: Callable[[str], None] | None = None,
     ) -> None:
         self.request = request
         self.key = request.experiment.key
@@ -133,6 +134,7 @@ class Experiment:
         self.tools = tools
         self.interrupt = interrupt
         self.interrupt_reason = interrupt_reason  # why ``interrupt`` was set, for the outcome and _results
+        self.on_output = on_output  # each redacted output line, as it comes (reports); must not block
         self.received_at = received_at if received_at is not None else time.monotonic()
         self.stop = asyncio.Event()
         self.dir = Path()
@@ -386,6 +388,7 @@ class Experiment:
                     guard=self.tools.containment.guard(self.dir) if self.tools.containment else None,
                     max_output=self.tools.settings.max_output,
                     spawn=confinement.spawn,
+                    on_line=self.on_output,
                 )
             except (OSError, ValueError) as err:
                 not_started = err  # ended outside the task group, so that _Abort is not wrapped in a group

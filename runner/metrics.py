@@ -121,6 +121,19 @@ class Metrics:
             registry=r,
         )
         self.loop_lag = Gauge("runner_event_loop_lag_seconds", "Last measured event loop lag", registry=r)
+        self.reports = Counter(
+            "runner_reports_total",
+            "Reports to <queue>_response queues: sent, dropped (the queue was slower than the experiment's output, or "
+            "the runner stopped) or failed (the broker refused or did not answer)",
+            ["result"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "runner_notifications_total",
+            "Notices for --slack-hook: posted, dropped (too many waiting) or failed (the webhook refused them)",
+            ["result"],
+            registry=r,
+        )
 
     # --- per-queue series ----------------------------------------------------------------------------------------
 

@@ -375,15 +375,21 @@ class Privacy:
 # --- making an envelope (submit, tests) -----------------------------------------------------------------------------
 
 
+def hybrid_seal(plaintext: bytes, public_key: rsa.RSAPublicKey) -> str:
+    """``<b64 RSA-OAEP-SHA256(K)>,<b64 nonce || secretbox(K, plaintext)>`` with a fresh key K: the client's request
+    payload, and studio-go-runner's sealed reports. An RSA public-key operation: about 0.1 ms of CPU."""
+    secret = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
+    boxed = bytes(nacl.secret.SecretBox(secret).encrypt(plaintext))  # nonce || ciphertext
+    wrapped = public_key.encrypt(secret, OAEP)
+    return base64.b64encode(wrapped).decode() + "," + base64.b64encode(boxed).decode()
+
+
 def seal(
     request: Mapping[str, Any], public_key: rsa.RSAPublicKey, signing_key: Ed25519PrivateKey | None
 ) -> dict[str, Any]:
     """The envelope the StudioML client (``EncryptedPayloadBuilder.construct``) makes of ``request``."""
     experiment = request.get("experiment") or {}
-    secret = nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE)
-    boxed = bytes(nacl.secret.SecretBox(secret).encrypt(json.dumps(request).encode()))  # nonce || ciphertext
-    wrapped = public_key.encrypt(secret, OAEP)
-    payload = base64.b64encode(wrapped).decode() + "," + base64.b64encode(boxed).decode()
+    payload = hybrid_seal(json.dumps(request).encode(), public_key)
     message: dict[str, Any] = {
         "experiment": {"status": "waiting", "pythonver": experiment.get("pythonver")},
         "time_added": experiment.get("time_added") or time.time(),

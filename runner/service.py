@@ -41,10 +41,12 @@ from runner.experiment import Experiment, ExperimentResult, LifecycleSettings, T
 from runner.http import HttpServer, HttpView
 from runner.intake import Intake
 from runner.metrics import Metrics
+from runner.notify import Notifier, worth_a_notice
 from runner.outcome import Action, Outcome, Settlement, SettlePolicy, settle
 from runner.poison import too_many_deliveries, unadmittable
 from runner.privacy import EnvelopeRejected, HandBack, KeyProblem, Privacy
 from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
+from runner.reports import Reports, ReportStream
 from runner.request import Request, RequestError, parse_request
 from runner.resources import gpu, host
 from runner.resources.allocator import Allocation, Allocator
@@ -129,6 +131,8 @@ class Runner:
         self._tools: Tools | None = None
         self._experiments: asyncio.TaskGroup | None = None
         self._privacy: Privacy | None = None
+        self._reports: Reports | None = None  # reports to <queue>_response (runner/reports.py)
+        self._notifier: Notifier | None = None  # --slack-hook notices (runner/notify.py)
         self.queues = settings.queue_matcher()  # shared by the brokers; cluster control replaces its patterns
 
     # ----------------------------------------------------------------- serve
@@ -145,6 +149,9 @@ class Runner:
             except KeyProblem as err:
                 log.error(f"refusing to start: {err} (docs/privacy.md)", extra={"host": self.host})
                 raise StartupRefused(str(err)) from None
+            # Entered early, so that it is left late: "runner stopped" goes out after everything else has closed.
+            notifier = Notifier(s.slack_hook, host=self.host, metrics=self.metrics, runner_env=self.environ)
+            self._notifier = await stack.enter_async_context(notifier)
             sandbox = await self._sandbox()
             capacity = await asyncio.to_thread(
                 host.measure, s.working_dir, max_cores=s.max_cores, max_mem=s.max_mem, max_disk=s.max_disk
@@ -161,6 +168,8 @@ class Runner:
             if k8s.configured(s, self.environ):
                 self.intake.suspend()  # until the cluster's ConfigMaps have answered: they may say DrainAndSuspend
             brokers = await self._open_brokers(stack)
+            reports = Reports(s.response_signatures_dir, brokers, host=self.host, metrics=self.metrics)
+            self._reports = await stack.enter_async_context(reports)
             stores = self._stores if self._stores is not None else backends.make_stores(s)
             for store in stores.values():
                 stack.push_async_callback(store.close)
@@ -208,6 +217,10 @@ class Runner:
                     **s.summary(),
                 },
             )
+            self._notifier.runner_started(
+                f"{capacity.cores} cores, {format_size(capacity.ram)} RAM, GPUs: {gpus.summary()}; "
+                f"queues from {', '.join(b.name for b in brokers) or 'no broker'}"
+            )
             trigger = shutdown_trigger or self._signal_trigger(stack)
             async with asyncio.TaskGroup() as experiments:
                 self._experiments = experiments
@@ -228,6 +241,7 @@ class Runner:
                     spot_watch.cancel()
                     cluster.cancel()
             log.info("runner stopped", extra={"host": self.host, "experiments": self.intake.taken})
+            self._notifier.runner_stopped(f"{self.intake.taken} experiments taken since it started")
 
     async def _sandbox(self) -> Sandbox:
         try:
@@ -529,6 +543,7 @@ class Runner:
         # the experiment is then interrupted as in a drain, and the broker renews the message when it is requeued.
         lease_ending = delivery.lease_ending
         interrupt = asyncio.Event() if lease_ending is not None else self._interrupt
+        reports = self._reports.stream(delivery.queue, key) if self._reports is not None else ReportStream.off()
         experiment = Experiment(
             request,
             queue=delivery.queue,
@@ -538,7 +553,9 @@ class Runner:
             interrupt=interrupt,
             received_at=decision.received_at,
             interrupt_reason=lambda: _interrupt_reason(lease_ending, self._drain_request),
+            on_output=reports.line,
         )
+        reports.started(delivery.queue.name, delivery.attempt)
         self._running[key] = Running(experiment, delivery.queue, task=asyncio.current_task())
         self.metrics.experiment_started(delivery.queue.name)
         started = time.monotonic()
@@ -571,6 +588,7 @@ class Runner:
                 await asyncio.shield(experiment.record.dead_lettered(result.outcome))
             if result.outcome is Outcome.SUCCEEDED:
                 self._remember_success(key)
+            self._announce(delivery, key, result, settlement.action, reports)
             self.metrics.tasks_finished.labels(self.metrics.queue(delivery.queue.name), str(result.outcome)).inc()
             log.info(
                 "experiment finished",
@@ -584,6 +602,26 @@ class Runner:
                 },
             )
             await asyncio.shield(self._settle(delivery, settlement, extra))
+
+    def _announce(
+        self, delivery: Delivery, key: str, result: ExperimentResult, action: Action, reports: ReportStream
+    ) -> None:
+        """The end of an attempt, to its report stream and, when it is a failure someone should hear of, the
+        webhook. Both only queue what they are told: neither can delay the settlement."""
+        if result.outcome is Outcome.SUCCEEDED:
+            state = "Success"
+        else:
+            state = "Stopping" if action is Action.REQUEUE else "Failed"
+        reports.finished(outcome=str(result.outcome), reason=result.message, exit_code=result.exit_code, state=state)
+        if self._notifier is not None and worth_a_notice(result.outcome, action):
+            self._notifier.experiment_failed(
+                key=key,
+                queue=str(delivery.queue),
+                attempt=delivery.attempt,
+                outcome=str(result.outcome),
+                reason=result.message,
+                tail=result.tail,
+            )
 
     async def _keep_lease(self, delivery: Delivery) -> None:
         if not delivery.lease_interval:
