@@ -155,10 +155,12 @@ class Notifier:
         if len(self._pending) >= MAX_PENDING:
             self._pending.popleft()
             self._metrics.notifications.labels("dropped").inc()
-        self._pending.append(
-            Notice(_escape(self._filter.redact(title)), _escape(self._filter.redact(text)), color, time.time())
-        )
+        self._pending.append(Notice(self._clean(title), self._clean(text), color, time.time()))
         self._wake.set()
+
+    def _clean(self, text: str) -> str:
+        # Line by line: the filter's ``NAME_TOKEN=...`` rule hides the rest of the line it is given.
+        return _escape("\n".join(self._filter.redact(line) for line in text.split("\n")))
 
     def runner_started(self, summary: str) -> None:
         self.notify(f"runner started on {self._host}", summary, GOOD)

@@ -81,6 +81,7 @@ class ReportStream:
         self.active = active
         self.capacity = capacity
         self.dropped = 0  # output lines dropped in all
+        self._counted = 0  # of which already counted in the metrics
         self._pending: deque[_Report] = deque()
         self._unannounced = 0  # dropped since the last Warning about it
         self._closed = not active
@@ -157,6 +158,11 @@ class ReportStream:
         while self._pending and len(batch) < size:
             batch.append(self._pending.popleft())
         return batch
+
+    def new_drops(self) -> int:
+        """Output lines dropped since the last call (for the metrics)."""
+        fresh, self._counted = self.dropped - self._counted, self.dropped
+        return fresh
 
     def stop(self) -> int:
         """Report nothing more; how many waiting reports were thrown away."""
@@ -257,11 +263,12 @@ class Reports:
                 )
             if target is None:
                 stream.stop()  # no response queue: nothing to report, nothing to count
+                stream.new_drops()
                 return
             log.debug("reporting", extra={"response_queue": name, "key": key.fingerprint, **identity})
             await self._send_all(stream, target, key, identity)
         finally:
-            dropped = stream.stop() if stream.active else 0
+            dropped = (stream.stop() if stream.active else 0) + stream.new_drops()
             if dropped:
                 self._metrics.reports.labels("dropped").inc(dropped)
             if target is not None:
@@ -278,11 +285,9 @@ class Reports:
         identity: Mapping[str, str],
     ) -> None:
         complained = False
-        dropped_before = 0
         while batch := await stream.next_batch(BATCH):
-            if stream.dropped > dropped_before:
-                self._metrics.reports.labels("dropped").inc(stream.dropped - dropped_before)
-                dropped_before = stream.dropped
+            if dropped := stream.new_drops():
+                self._metrics.reports.labels("dropped").inc(dropped)
             bodies = await asyncio.to_thread(self._seal, batch, key.key, identity)
             try:
                 await asyncio.wait_for(target.send(bodies), self._send_timeout)
@@ -296,8 +301,6 @@ class Reports:
                     complained = True
             else:
                 self._metrics.reports.labels("sent").inc(len(bodies))
-        if stream.dropped > dropped_before:
-            self._metrics.reports.labels("dropped").inc(stream.dropped - dropped_before)
 
     def _seal(self, batch: Sequence[_Report], key: rsa.RSAPublicKey, identity: Mapping[str, str]) -> list[bytes]:
         """Blocking (protojson and an RSA operation per report, ~0.2 ms each): run in a worker thread."""
