@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from runner.config import ConfigError, load_settings
 from runner.metrics import Metrics
 from runner.notify import MAX_PER_POST, Notifier, TokenBucket, worth_a_notice
 from runner.outcome import Action, Outcome
@@ -132,3 +133,13 @@ def test_the_token_bucket_allows_a_burst_then_one_per_refill() -> None:
     assert bucket.take() and not bucket.take()
     now[0] = 1000.0
     assert [bucket.take() for _ in range(4)] == [True, True, True, False]  # never more than the burst
+
+
+def test_the_webhook_url_is_a_credential_that_settings_never_show() -> None:
+    url = "https://hooks.slack.com/services/T000/B000/XXXXsecretXXXX"
+    settings = load_settings(["--slack-hook", url], {"HOME": "/root"})
+    assert settings.slack_hook == url
+    assert settings.summary()["slack_hook"] == "https://hooks.slack.com/****"
+    with pytest.raises(ConfigError) as refused:
+        load_settings(["--slack-hook", "hooks.slack.com/services/XXXXsecretXXXX"], {"HOME": "/root"})
+    assert "XXXXsecretXXXX" not in str(refused.value) and "http:// or https://" in str(refused.value)
