@@ -58,16 +58,15 @@ LINE_CHARS = 4096  # an output line longer than this is reported clipped
 @dataclass(frozen=True)
 class _Report:
     at: float  # time.time() when it was made
-    payload: dict[str, Any]  # {"logging": {...}} or {"progress": {...}}, protojson field names
-    droppable: bool = False  # output lines; the runner's own reports are always kept
+    payload: dict[str, Any]  # {"logging": {...}} or {"progress": {...}}, protojson names; times added when sealed
 
 
 def _timestamp(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _logging(at: float, severity: str, message: str, fields: Mapping[str, str] | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {"time": _timestamp(at), "severity": severity, "message": message}
+def _logging(severity: str, message: str, fields: Mapping[str, str] | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"severity": severity, "message": message}
     if fields:
         entry["fields"] = dict(fields)
     return {"logging": entry}
@@ -101,8 +100,8 @@ class ReportStream:
 
     def started(self, queue: str, attempt: int) -> None:
         now = time.time()
-        self._add(_Report(now, {"progress": {"time": _timestamp(now), "state": "Started"}}))
-        self._add(_Report(now, _logging(now, "Info", "start", {"queue_name": queue, "attempt": str(attempt)})))
+        self._add(_Report(now, {"progress": {"state": "Started"}}))
+        self._add(_Report(now, _logging("Info", "start", {"queue_name": queue, "attempt": str(attempt)})))
 
     def line(self, text: str) -> None:
         """One line of the experiment's output (already redacted)."""
@@ -112,22 +111,21 @@ class ReportStream:
             self.dropped += 1
             self._unannounced += 1
             return
-        now = time.time()
-        self._add(_Report(now, _logging(now, "Info", clip(text, LINE_CHARS)), droppable=True))
+        self._add(_Report(time.time(), _logging("Info", clip(text, LINE_CHARS))))
 
     def finished(self, *, outcome: str, reason: str, exit_code: int | None, state: str) -> None:
         """The attempt ended with ``outcome``; ``state`` is Success, Failed or Stopping (it will run again)."""
         now = time.time()
         success = state == "Success"
         fields = {"success": "True" if success else "False", "outcome": outcome}
-        progress: dict[str, Any] = {"time": _timestamp(now), "state": state}
+        progress: dict[str, Any] = {"state": state}
         if not success:
             fields["error"] = reason
             progress["error"] = {"msg": reason}
             if exit_code is not None:
                 fields["exit_code"] = str(exit_code)
                 progress["error"]["code"] = exit_code
-        self._add(_Report(now, _logging(now, "Info", "stop", fields)))
+        self._add(_Report(now, _logging("Info", "stop", fields)))
         self._add(_Report(now, {"progress": progress}))
         self._closed = True
         self._wake.set()
@@ -153,7 +151,7 @@ class ReportStream:
                 f"{self._unannounced} output lines were not reported: the response queue was slower than the "
                 "experiment's output (the output artifact has every line)"
             )
-            batch.append(_Report(now, _logging(now, "Warning", note, {"dropped": str(self._unannounced)})))
+            batch.append(_Report(now, _logging("Warning", note, {"dropped": str(self._unannounced)})))
             self._unannounced = 0
         while self._pending and len(batch) < size:
             batch.append(self._pending.popleft())
@@ -307,7 +305,9 @@ class Reports:
         assert self._schema is not None
         bodies: list[bytes] = []
         for report in batch:
-            document = {"time": _timestamp(report.at), **identity, **report.payload}
+            stamp = _timestamp(report.at)
+            ((kind, entry),) = report.payload.items()
+            document = {"time": stamp, **identity, kind: {"time": stamp, **entry}}
             try:
                 body = self._schema.to_json(document)
             except Exception:  # a bug here must cost one report, not the stream
