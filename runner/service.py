@@ -48,6 +48,7 @@ from runner.queues.base import Broker, Delivery, QueueGone, QueueRef
 from runner.request import Request, RequestError, parse_request
 from runner.resources import gpu, host
 from runner.resources.allocator import Allocation, Allocator
+from runner.retry import OUTAGE, Backoff
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import ObjectStore
 from runner.storage.cache import ArtifactCache
@@ -402,17 +403,23 @@ class Runner:
 
     async def _discover_loop(self, broker: Broker) -> None:
         interval = broker.discover_interval
-        failures = 0
+        backoff = Backoff(OUTAGE)
+        last_problem = ""
         consumers: dict[QueueRef, asyncio.Task[None]] = {}
         async with asyncio.TaskGroup() as tg:
             while True:
                 try:
                     found = set(await broker.discover())
-                    failures = 0
+                    backoff.succeeded()
+                    last_problem = ""
                 except Exception as err:  # a broker outage must not stop the runner
-                    failures += 1
-                    log.warning("queue discovery failed", extra={"broker": broker.name, "error": str(err)})
-                    await asyncio.sleep(min(180.0, interval * 2**failures))
+                    # Each kind of trouble is said once (the broker's own connection lines say the rest); a failed
+                    # discovery is tried again no sooner than a regular one would be.
+                    pause = max(interval, backoff.failed())
+                    if str(err) != last_problem:
+                        log.warning("queue discovery failed", extra={"broker": broker.name, "error": str(err)})
+                    last_problem = str(err)
+                    await asyncio.sleep(pause)
                     continue
                 for queue, task in list(consumers.items()):
                     if task.done() or queue not in found:

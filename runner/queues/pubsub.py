@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from runner.queues.base import Credit, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
+from runner.retry import OUTAGE, Backoff
 
 if TYPE_CHECKING:
     from runner.queues.base import Broker, Delivery
@@ -256,7 +257,7 @@ class PubSubBroker:
 
     async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[PubSubDelivery, None]:
         """Pull from ``queue`` only while capacity is free, at most as many messages as could start now."""
-        failures = 0
+        backoff = Backoff(OUTAGE)
         deadline = await self.subscription_deadline(queue.project)
         while not self._closed:
             await credit.wait()
@@ -273,12 +274,11 @@ class PubSubBroker:
             except Exception as err:
                 if _status(err) == 404:
                     raise QueueGone(f"{queue}: the subscription {queue.project} was deleted") from err
-                failures += 1
-                pause = min(30.0, 2.0 ** (failures - 1))
+                pause = backoff.failed()
                 log.warning("Pub/Sub pull failed, trying again in %.0fs: %s", pause, err, extra={"queue": queue.name})
                 await asyncio.sleep(pause)
                 continue
-            failures = 0
+            backoff.succeeded()
             # Discovery re-reads every subscription's deadline, so a change reaches the messages pulled after it.
             deadline = self._subscription_deadlines.get(queue.project, deadline)
             deliveries = [PubSubDelivery(self, queue, message, deadline) for message in messages]

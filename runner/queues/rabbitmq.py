@@ -63,6 +63,7 @@ from runner.amqp_endpoint import AmqpEndpoint
 from runner.queues.base import Credit, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.rabbitmq_orphans import plan_sweep
+from runner.retry import OUTAGE, RECONNECT, REQUEST, Backoff
 
 if TYPE_CHECKING:
     from runner.queues.base import Broker, Delivery
@@ -251,13 +252,11 @@ class _Link:
         connection_name: str,
         connect_timeout: float,
         on_connect: Callable[[aiormq.abc.AbstractConnection], Awaitable[None]],
-        backoff_max: float = 5.0,
     ) -> None:
         self.endpoint = endpoint
         self._connection_name = connection_name
         self._connect_timeout = connect_timeout
         self._on_connect = on_connect
-        self._backoff_max = backoff_max
         self._current: aiormq.abc.AbstractConnection | None = None
         self._ready = asyncio.Event()
         self.down_since: float | None = time.monotonic()  # None while connected
@@ -276,7 +275,7 @@ class _Link:
             await asyncio.sleep(0.01)  # closed but not noticed by run() yet
 
     async def run(self) -> None:
-        failures = 0
+        backoff = Backoff(RECONNECT)
         last_reason = ""
         last_logged = 0.0
         try:
@@ -286,7 +285,7 @@ class _Link:
                 except asyncio.CancelledError:
                     raise
                 except Exception as err:
-                    failures += 1
+                    pause = backoff.failed()
                     reason = describe_connect_error(err, self.endpoint)
                     now = time.monotonic()
                     if reason != last_reason or now - last_logged >= self.REMINDER_EVERY:
@@ -294,19 +293,20 @@ class _Link:
                             "cannot connect to RabbitMQ at %s: %s; retrying every few seconds",
                             self.endpoint.shown,
                             reason,
-                            extra={"broker": BROKER_NAME, "attempts": failures},
+                            extra={"broker": BROKER_NAME, "attempts": backoff.failures},
                         )
                         last_reason, last_logged = reason, now
                     else:
-                        log.debug("still cannot connect to RabbitMQ: %s", reason, extra={"attempts": failures})
-                    await asyncio.sleep(min(self._backoff_max, 0.25 * 2 ** min(failures, 10)))
+                        log.debug("still cannot connect to RabbitMQ: %s", reason, extra={"attempts": backoff.failures})
+                    await asyncio.sleep(pause)
                     continue
                 log.info(
                     "connected to RabbitMQ at %s",
                     self.endpoint.shown,
-                    extra={"broker": BROKER_NAME, "attempts": failures + 1},
+                    extra={"broker": BROKER_NAME, "attempts": backoff.failures + 1},
                 )
-                failures, last_reason = 0, ""
+                backoff.succeeded()
+                last_reason = ""
                 self._current = conn
                 self.down_since = None
                 self._ready.set()
@@ -759,7 +759,7 @@ class RabbitBroker:
         Connection trouble never ends the generator: it waits for the link and consumes again."""
         if self._supervisor is None:
             raise RuntimeError(f"{self!r}: open() the broker before consuming")
-        failures = 0
+        backoff = Backoff(OUTAGE)
         last_problem = ""
         while True:
             await credit.wait()
@@ -771,20 +771,22 @@ class RabbitBroker:
                     delivery = await consumer.hand_off(message)
                     if delivery is None:
                         continue
-                    failures, last_problem = 0, ""
+                    backoff.succeeded()
+                    last_problem = ""
                     yield delivery
                     if not await consumer.admitted(credit):
                         break
             except QueueGone:
                 raise
             except Exception as err:  # the broker's trouble must never end intake: wait, then consume again
-                failures += 1
+                pause = backoff.failed()
                 problem = f"{type(err).__name__}: {err}"
                 if self._link.connected and not conn.is_closed and problem != last_problem:
                     # A channel-level refusal (permissions, a queue argument the broker rejects): say it once.
-                    log.warning("cannot consume: %s", problem, extra={"queue": str(queue), "attempts": failures})
+                    extra = {"queue": str(queue), "attempts": backoff.failures}
+                    log.warning("cannot consume: %s", problem, extra=extra)
                 last_problem = problem
-                await asyncio.sleep(min(10.0, 0.25 * 2 ** min(failures, 10)))
+                await asyncio.sleep(pause)
             finally:
                 await asyncio.shield(consumer.close())
 
@@ -798,7 +800,7 @@ class RabbitBroker:
         """Settle now, waiting up to ``settle_wait`` for the broker; past that the settlement is retried in the
         background (the held copy is safe in the broker meanwhile)."""
         deadline = time.monotonic() + self.settle_wait
-        failures = 0
+        backoff = Backoff(REQUEST)
         while True:
             remaining = deadline - time.monotonic()
             conn: aiormq.abc.AbstractConnection | None = None
@@ -809,7 +811,6 @@ class RabbitBroker:
             except Exception as err:
                 if not _connection_trouble(err, conn):
                     raise  # the service reports it; the held copy stays, and is returned after this runner exits
-                failures += 1
                 if time.monotonic() >= deadline:
                     self._deferred[delivery.held] = (delivery, settlement)
                     self._unsettled.pop(delivery.held, None)
@@ -820,7 +821,7 @@ class RabbitBroker:
                         extra=delivery.log_context,
                     )
                     return
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                await backoff.wait(at_most=deadline - time.monotonic())
 
     async def _settle_once(
         self, conn: aiormq.abc.AbstractConnection, delivery: RabbitDelivery, settlement: _Settlement

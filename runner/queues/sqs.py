@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from runner.queues.base import Credit, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.sqs_accounts import CHAIN, AccountConfig, chain_account, scan_accounts
+from runner.retry import OUTAGE, Backoff
 
 if TYPE_CHECKING:
     from runner.queues.base import Broker, Delivery
@@ -590,7 +591,7 @@ class SqsBroker:
 
     async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[SqsDelivery, None]:
         """Receive from ``queue`` only while capacity is free, at most as many messages as could start now."""
-        failures = 0
+        backoff = Backoff(OUTAGE)
         while not self._closed:
             await credit.wait()
             wanted = min(MAX_RECEIVE, credit.available() - self._reserved)
@@ -614,12 +615,11 @@ class SqsBroker:
                 self._reservations.set()
                 self._reservations = asyncio.Event()
             if failed is not None:
-                failures += 1
-                pause = min(30.0, 2.0 ** (failures - 1))
+                pause = backoff.failed()
                 log.warning("SQS receive failed, trying again in %.0fs: %s", pause, failed, extra={"queue": queue.name})
                 await asyncio.sleep(pause)
                 continue
-            failures = 0
+            backoff.succeeded()
             for index, message in enumerate(messages):
                 delivery = SqsDelivery(
                     broker=self, account=account, account_key=key, queue=queue, message=message, received_at=received_at

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
+from runner.retry import with_retries
 from runner.storage.base import AccessDenied, ObjectInfo, ObjectNotFound, StorageError, TransientStorageError
 from runner.storage.s3_checks import IntegrityError
-from runner.storage.transfer import TransferPool, with_retries
+from runner.storage.transfer import TransferPool
 
 log = logging.getLogger(__name__)
 
