@@ -32,6 +32,7 @@ from typing import Any
 from runner import backends, k8s, spot
 from runner.clip import clip
 from runner.config import Settings
+from runner.consume import CreditWatch, consume
 from runner.drain import DrainRequest
 from runner.execution import diskreserve
 from runner.execution.containment import Containment
@@ -131,6 +132,7 @@ class Runner:
         self._experiments: asyncio.TaskGroup | None = None
         self._privacy: Privacy | None = None
         self.queues = settings.queue_matcher()  # shared by the brokers; cluster control replaces its patterns
+        self._credit_watch = CreditWatch()  # one timer for every consumer waiting on a message
 
     # ----------------------------------------------------------------- serve
 
@@ -438,7 +440,8 @@ class Runner:
     async def _consume(self, broker: Broker, queue: QueueRef) -> None:
         assert self.intake is not None and self._experiments is not None
         try:
-            async for delivery in broker.consume(queue, self.intake.credit(queue)):
+            credit = self.intake.credit(queue)
+            async for delivery in consume(broker.source(queue), credit, watch=self._credit_watch, queue=str(queue)):
                 self._last_activity = time.monotonic()
                 self.metrics.messages_received.labels(broker.name, self.metrics.queue(queue.name)).inc()
                 try:

@@ -48,7 +48,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -56,12 +56,12 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import filelock
 
-from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.queues.base import QueueGone, QueueRef
 from runner.queues.local_changes import DirectoryChanges, DirectoryWatch
 from runner.queues.matcher import QueueMatcher
 
 if TYPE_CHECKING:
-    from runner.queues.base import Broker, Delivery
+    from runner.queues.base import Broker, Delivery, Source
 
 log = logging.getLogger("runner.queues.local")
 
@@ -670,32 +670,12 @@ class LocalBroker:
         finally:
             scratch.unlink(missing_ok=True)
 
-    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[LocalDelivery, None]:
-        """Yield the messages of ``queue`` oldest first, each only after ``credit.wait()``; raises QueueGone.
-
-        Ends when the broker is closed.
-        """
+    def source(self, queue: QueueRef) -> DirectorySource:
+        """``queue`` as the consume loop claims from it, oldest message first."""
         _check_component("queue", queue.name)
         if self._alive_fd is None or self._closing:
             raise RuntimeError(f"{self.runner_id}: open() the broker before consuming")
-        watch = await self._changes.watch(self.root / queue.name)
-        backlog = _Backlog()
-        try:
-            while True:
-                await credit.wait()
-                if self._closing:
-                    return  # claiming now would put messages in an area that is being released
-                backlog.note(*watch.take())
-                delivery, retry_in = await self._claim(queue, backlog)
-                if delivery is None:
-                    # Nothing to take: wait for the directory to change, the oldest delayed message to come due,
-                    # or a client's lock to be released (retry_in).
-                    due = backlog.due_in(time.time_ns())
-                    await watch.wait(min((t for t in (due, retry_in) if t is not None), default=None))
-                    continue
-                yield delivery
-        finally:
-            self._changes.unwatch(watch)
+        return DirectorySource(self, queue)
 
     # -- claiming --------------------------------------------------------------------------------------------------
 
@@ -796,6 +776,54 @@ class LocalBroker:
         return {"queue": None, "message_id": None}
 
 
+class DirectorySource:
+    """One queue directory as the consume loop takes from it: one claim (an atomic rename) per take. An idle queue
+    costs nothing: a take that finds nothing waits for the kernel to report a change (see local_changes.py)."""
+
+    action = "local claim"
+    most = 1
+    in_flight = None
+    holds_while_waiting = False  # nothing is claimed while waiting
+
+    def __init__(self, broker: LocalBroker, queue: QueueRef) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._watch: DirectoryWatch | None = None
+        self._backlog = _Backlog()
+
+    async def take(self, most: int) -> list[LocalDelivery] | None:
+        broker = self._broker
+        if broker._closing:
+            return None  # claiming now would put messages in an area that is being released
+        if self._watch is None:
+            self._watch = await broker._changes.watch(broker.root / self._queue.name)
+        self._backlog.note(*self._watch.take())
+        delivery, retry_in = await broker._claim(self._queue, self._backlog)
+        if delivery is not None:
+            return [delivery]
+        # Nothing to take: wait for the directory to change, the oldest delayed message to come due, or a client's
+        # lock to be released (retry_in).
+        due = self._backlog.due_in(time.time_ns())
+        await self._watch.wait(min((t for t in (due, retry_in) if t is not None), default=None))
+        return []
+
+    async def give_back(self, messages: list[LocalDelivery]) -> None:
+        for delivery in messages:
+            await asyncio.to_thread(delivery._give_back_sync)
+            self._broker._unsettled.discard(delivery)
+
+    async def hold(self, message: LocalDelivery) -> LocalDelivery:
+        return message
+
+    async def pause(self) -> None:
+        """Nothing is claimed between takes."""
+
+    async def close(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            self._broker._changes.unwatch(watch)
+
+
 def _identity_or_none(directory: Path) -> tuple[int, int] | None:
     try:
         st = directory.stat()
@@ -840,5 +868,7 @@ def _subdirectories(directory: Path) -> list[Path]:
 
 if TYPE_CHECKING:
     # Static proof that the local broker and its deliveries satisfy the protocols the service is written against.
-    def _conforms(broker: LocalBroker, delivery: LocalDelivery) -> tuple[Broker, Delivery]:
-        return broker, delivery
+    def _conforms(
+        broker: LocalBroker, delivery: LocalDelivery, source: DirectorySource
+    ) -> tuple[Broker, Delivery, Source[LocalDelivery]]:
+        return broker, delivery, source

@@ -7,9 +7,10 @@ filtered by ``--queue-match``/``--queue-mismatch``. A queue that is another list
 consumed. The same queue URL seen from two accounts is consumed once. An account whose listing fails keeps its last
 known queues, so a passing error does not stop consumers.
 
-Intake. A consumer receives only when capacity is free, asking for no more messages than could start now (at most
-10); receives on this broker's queues share that count so two queues do not both take the last slot. Long polls
-(``WaitTimeSeconds``) make an idle queue cost one request per 20 s.
+Intake. Each queue is a Source for the consume loop (runner/consume.py), which receives only when capacity is free,
+asking for no more messages than could start now (at most 10); receives on this broker's queues share one InFlight
+count so two queues do not both take the last slot. Long polls (``WaitTimeSeconds``) make an idle queue cost one
+request per 20 s.
 
 Leases. A message is received invisible for ``visibility`` seconds and the service calls ``keep_alive`` every third
 of that, which extends it with ``ChangeMessageVisibility``. SQS never lets a message stay invisible longer than 12 h
@@ -38,18 +39,17 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.queues.base import InFlight, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.sqs_accounts import CHAIN, AccountConfig, chain_account, scan_accounts
-from runner.retry import OUTAGE, Backoff
 
 if TYPE_CHECKING:
-    from runner.queues.base import Broker, Delivery
+    from runner.queues.base import Broker, Delivery, Source
 
 log = logging.getLogger("runner.queues.sqs")
 
@@ -382,8 +382,7 @@ class SqsBroker:
         self._listings: dict[str, list[str]] = {}  # last good queue URLs per account
         self._routes: dict[str, _Route] = {}  # queue URL -> account that consumes it
         self._infos: dict[str, QueueInfo] = {}
-        self._reserved = 0  # messages asked for by receives in flight, across this broker's queues
-        self._reservations = asyncio.Event()
+        self.in_flight = InFlight()  # messages asked for by receives in flight, across this broker's queues
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -589,47 +588,9 @@ class SqsBroker:
             raise QueueGone(f"{queue}: no longer listed by any SQS account")
         return route.account_key, account
 
-    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[SqsDelivery, None]:
-        """Receive from ``queue`` only while capacity is free, at most as many messages as could start now."""
-        backoff = Backoff(OUTAGE)
-        while not self._closed:
-            await credit.wait()
-            wanted = min(MAX_RECEIVE, credit.available() - self._reserved)
-            if wanted <= 0:  # other queues' receives in flight may fill what is free: wait for them
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._reservations.wait()
-                continue
-            key, account = self._route(queue)
-            self._reserved += wanted
-            received_at = self.clock()  # before the call: the 12 h clock may start any time during it
-            failed: Exception | None = None
-            try:
-                messages = await self._receive(account, queue, wanted)
-            except QueueGone:
-                raise
-            except Exception as err:
-                failed, messages = err, []
-            finally:
-                self._reserved -= wanted
-                self._reservations.set()
-                self._reservations = asyncio.Event()
-            if failed is not None:
-                pause = backoff.failed()
-                log.warning("SQS receive failed, trying again in %.0fs: %s", pause, failed, extra={"queue": queue.name})
-                await asyncio.sleep(pause)
-                continue
-            backoff.succeeded()
-            for index, message in enumerate(messages):
-                delivery = SqsDelivery(
-                    broker=self, account=account, account_key=key, queue=queue, message=message, received_at=received_at
-                )
-                if index > 0 and credit.available() <= 0:
-                    with contextlib.suppress(Exception):
-                        await delivery.give_back()
-                    continue
-                log.info("received attempt %d", delivery.attempt, extra=delivery.log_context)
-                yield delivery
+    def source(self, queue: QueueRef) -> QueueSource:
+        """``queue`` as the consume loop receives from it."""
+        return QueueSource(self, queue)
 
     async def _receive(self, account: _Account, queue: QueueRef, count: int) -> list[Mapping[str, Any]]:
         try:
@@ -672,6 +633,54 @@ class SqsBroker:
         return message_id
 
 
+class QueueSource:
+    """One SQS queue as the consume loop takes from it: long polls for up to ten messages, each received invisible
+    (leased) for ``visibility`` seconds."""
+
+    action = "SQS receive"
+    most = MAX_RECEIVE
+    holds_while_waiting = False  # a long poll holds nothing until it returns
+
+    def __init__(self, broker: SqsBroker, queue: QueueRef) -> None:
+        self._broker = broker
+        self._queue = queue
+        self.in_flight = broker.in_flight
+
+    async def take(self, most: int) -> list[SqsDelivery] | None:
+        broker = self._broker
+        if broker._closed:
+            return None
+        key, account = broker._route(self._queue)
+        received_at = broker.clock()  # before the call: the 12 h clock may start any time during it
+        messages = await broker._receive(account, self._queue, most)
+        return [
+            SqsDelivery(
+                broker=broker,
+                account=account,
+                account_key=key,
+                queue=self._queue,
+                message=message,
+                received_at=received_at,
+            )
+            for message in messages
+        ]
+
+    async def give_back(self, messages: list[SqsDelivery]) -> None:
+        for delivery in messages:
+            with contextlib.suppress(Exception):  # the lease lapses by itself
+                await delivery.give_back()
+
+    async def hold(self, message: SqsDelivery) -> SqsDelivery:
+        log.info("received attempt %d", message.attempt, extra=message.log_context)
+        return message
+
+    async def pause(self) -> None:
+        """Nothing is held between receives."""
+
+    async def close(self) -> None:
+        """Nothing is held between receives."""
+
+
 def _log_close_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.debug("closing a replaced SQS client failed: %s", task.exception(), extra=_BROKER)
@@ -693,5 +702,7 @@ def _new_session() -> Any:
 
 if TYPE_CHECKING:
     # Static proof that the SQS broker and its deliveries satisfy the protocols the service is written against.
-    def _conforms(broker: SqsBroker, delivery: SqsDelivery) -> tuple[Broker, Delivery]:
-        return broker, delivery
+    def _conforms(
+        broker: SqsBroker, delivery: SqsDelivery, source: QueueSource
+    ) -> tuple[Broker, Delivery, Source[SqsDelivery]]:
+        return broker, delivery, source
