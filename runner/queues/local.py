@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import filelock
 
+from runner.config import option_default
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.local_changes import DirectoryChanges, DirectoryWatch
 from runner.queues.matcher import QueueMatcher
@@ -452,7 +453,7 @@ class LocalBroker:
         root: Path,
         matcher: QueueMatcher,
         *,
-        rescan_interval: float = 1.0,
+        rescan_interval: float = option_default("poll-interval"),
         stale_lock_after: float = 30.0,
         runner_id: str | None = None,
         orphan_sweep_interval: float = 30.0,

@@ -34,6 +34,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from runner.config import option_default
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 
@@ -146,7 +147,7 @@ class PubSubBroker:
         api_root: str | None = None,
         service_file: str | None = None,
         discover_interval: float = 15.0,
-        ack_deadline: float = 60.0,
+        ack_deadline: float = option_default("pubsub-ack-deadline"),
         timeout: float = 10.0,
     ) -> None:
         if not project:

@@ -62,6 +62,7 @@ from aiormq import exceptions as amqp
 from pamqp import commands as spec
 
 from runner.amqp_endpoint import AmqpEndpoint
+from runner.config import option_default
 from runner.queues.base import BrokerAway, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.rabbitmq_orphans import plan_sweep
@@ -608,8 +609,8 @@ class RabbitBroker:
         matcher: QueueMatcher,
         *,
         runner_id: str | None = None,
-        discover_interval: float = 10.0,
-        orphan_grace: float = 120.0,
+        discover_interval: float = option_default("amqp-discover-interval"),
+        orphan_grace: float = option_default("amqp-orphan-grace"),
         connect_timeout: float = 10.0,
         settle_wait: float = 5.0,
         http_timeout: float = 10.0,

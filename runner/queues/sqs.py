@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from runner.config import option_default
 from runner.queues.base import InFlight, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.sqs_accounts import CHAIN, AccountConfig, chain_account, scan_accounts
@@ -353,8 +354,8 @@ class SqsBroker:
         chain_region: str = "",
         default_region: str = "",
         endpoint_url: str | None = None,
-        timeout: float = 15.0,
-        visibility: float = 120.0,
+        timeout: float = option_default("sqs-timeout"),
+        visibility: float = option_default("sqs-visibility"),
         wait: float = 20.0,
         max_hold: float = MAX_HOLD,
         renew_margin: float = 1800.0,

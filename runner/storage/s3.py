@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from runner.clip import clip
+from runner.config import option_default
 from runner.request import AwsCredentials
 from runner.retry import with_retries
 from runner.storage.base import (
@@ -73,7 +74,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIB: Final = 1 << 20
-DEFAULT_PART_SIZE: Final = 8 * MIB
 MIN_PART_SIZE: Final = 5 * MIB  # S3's smallest part other than the last
 MAX_PARTS: Final = 10_000
 # Object metadata this store writes on multipart uploads, so a download knows the part layout the ETag covers.
@@ -336,7 +336,7 @@ class S3Store:
         pool: TransferPool | None = None,
         default_region: str = "",
         tls: TlsOptions | None = None,
-        part_size: int = DEFAULT_PART_SIZE,
+        part_size: int = option_default("s3-part-size"),
         attempts: int = 4,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,

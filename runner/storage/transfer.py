@@ -13,15 +13,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-log = logging.getLogger(__name__)
+from runner.config import option_default
 
-DEFAULT_MAX_REQUESTS = 16
+log = logging.getLogger(__name__)
 
 
 class TransferPool:
     """At most ``max_requests`` object-store requests in flight, runner-wide."""
 
-    def __init__(self, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
+    def __init__(self, max_requests: int = option_default("transfer-concurrency")) -> None:
         if max_requests < 1:
             raise ValueError(f"max_requests must be at least 1, got {max_requests}")
         self.max_requests = max_requests
