@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import re
-import socket
 import stat
 import threading
 import time
@@ -57,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import filelock
 
 from runner.config import option_default
+from runner.identity import new_runner_id
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.local_changes import DirectoryChanges, DirectoryWatch
 from runner.queues.matcher import QueueMatcher
@@ -264,10 +264,8 @@ def _break_stale_client_lock(lock_path: Path, stale_after: float, queue: str) ->
                 os.link(aside, lock_path)
             return
         log.warning(
-            "broke a stale client lock %s, %.0f s old (its writer died)",
-            lock_path,
-            age,
-            extra={"queue": queue, "message_id": None},
+            "broke a stale client lock (its writer died)",
+            extra={"queue": queue, "message_id": None, "lock": str(lock_path), "age_seconds": round(age)},
         )
     finally:
         aside.unlink(missing_ok=True)
@@ -391,7 +389,7 @@ class LocalDelivery:
 
     async def dead_letter(self, reason: str) -> None:
         await self._settle("dead_letter", lambda: self._dead_letter_sync(reason))
-        log.warning("dead-lettered: %s", reason, extra=self.log_context)
+        log.warning("dead-lettered", extra={**self.log_context, "reason": reason})
 
     async def keep_alive(self) -> None:
         """Nothing to extend: the file stays in this runner's claim area for as long as the runner lives."""
@@ -421,9 +419,7 @@ class LocalDelivery:
     def _requeue_sync(self, delay: float) -> None:
         not_before = time.time() + delay
         if _return_to_queue(self._root, self.queue.name, self._claimed, self._claimed.name, not_before):
-            log.info(
-                "requeued for attempt %d, not before %g s from now", self.attempt + 1, delay, extra=self.log_context
-            )
+            log.info("requeued", extra={**self.log_context, "next_attempt": self.attempt + 1, "delay": delay})
         else:
             self._dead_letter_sync(_QUEUE_REMOVED)
             log.warning("queue gone at requeue: dead-lettered", extra=self.log_context)
@@ -459,7 +455,7 @@ class LocalBroker:
         orphan_sweep_interval: float = 30.0,
         max_lost_deliveries: int | None = None,
     ) -> None:
-        self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.runner_id = runner_id or new_runner_id()
         _check_component("runner id", self.runner_id)
         self.root = Path(root).absolute()
         self._matcher = matcher
@@ -501,7 +497,7 @@ class LocalBroker:
         self._changes.open()
         self._root_watch = await self._changes.watch(self.root, subdirectories=True)
         self._sweeps = asyncio.create_task(self._sweep_orphans_forever())
-        log.info("local queues open at %s as runner %s", self.root, self.runner_id, extra=self._log_context())
+        log.info("local queues open", extra={**self._log_context(), "root": str(self.root), "runner": self.runner_id})
 
     async def close(self) -> None:
         """Release the claim area. Messages still unsettled go back to their queues when a runner next opens root."""
@@ -520,10 +516,8 @@ class LocalBroker:
             await asyncio.gather(*self._pending, return_exceptions=True)
         if self._unsettled:
             log.warning(
-                "closing with %d unsettled messages; they return to their queues when a runner next opens %s",
-                len(self._unsettled),
-                self.root,
-                extra=self._log_context(),
+                "closing with unsettled messages: they return to their queues when a runner next opens the root",
+                extra={**self._log_context(), "unsettled": len(self._unsettled), "root": str(self.root)},
             )
         self._alive_fd = None
         await asyncio.to_thread(self._close_sync, fd)
@@ -608,17 +602,19 @@ class LocalBroker:
             if self._max_lost is not None and lost >= self._max_lost:
                 reason = f"its runner died while holding it {lost} times (the last was {dead_runner})"
                 _dead_letter_file(self.root, queue, claimed, stem, next_attempt - 1, reason, self.runner_id)
-                log.warning("dead-lettered message: %s", reason, extra=extra)
+                log.warning("dead-lettered", extra={**extra, "reason": reason})
             # Now as its mtime: behind the messages already waiting, so a crash loop cannot starve them.
             elif _return_to_queue(self.root, queue, claimed, message_name(stem, next_attempt, lost), time.time()):
-                log.warning("returned message held by dead runner %s to its queue", dead_runner, extra=extra)
+                log.warning("returned a dead runner's message to its queue", extra={**extra, "runner": dead_runner})
             else:
                 _dead_letter_file(self.root, queue, claimed, stem, next_attempt - 1, _QUEUE_REMOVED, self.runner_id)
-                log.warning("dead-lettered message held by dead runner %s: queue gone", dead_runner, extra=extra)
+                log.warning("dead-lettered a dead runner's message: queue gone", extra={**extra, "runner": dead_runner})
         except FileNotFoundError:
             pass  # another runner moved it first
         except OSError as exc:
-            log.error("cannot return message held by dead runner %s: %s", dead_runner, exc, extra=extra)
+            log.error(
+                "cannot return a dead runner's message", extra={**extra, "runner": dead_runner, "error": str(exc)}
+            )
 
     async def _sweep_orphans_forever(self) -> None:
         """Every ``orphan_sweep_interval``, return the messages of runners that died since to their queues (their
@@ -628,7 +624,7 @@ class LocalBroker:
             try:
                 await asyncio.to_thread(self._recover_orphans_sync)
             except OSError as exc:  # the next sweep tries again; consuming goes on
-                log.warning("sweep for dead runners' messages failed: %s", exc, extra=self._log_context())
+                log.warning("sweep for dead runners' messages failed", extra={**self._log_context(), "error": str(exc)})
 
     # -- queues ----------------------------------------------------------------------------------------------------
 

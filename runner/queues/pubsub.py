@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from runner.config import option_default
+from runner.http_errors import http_status
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 
@@ -54,11 +55,6 @@ DEFAULT_SUBSCRIPTION_DEADLINE: Final = 10
 MAX_PULL: Final = 100
 _PULL_HOLD: Final = 120  # seconds: longer than any server holds an empty pull
 _BROKER: Final[dict[str, object]] = {"broker": BROKER_NAME}
-
-
-def _status(err: BaseException) -> int:
-    status = getattr(err, "status", None)
-    return int(status) if isinstance(status, int) else 0
 
 
 def queue_of(subscription_id: str) -> str:
@@ -116,16 +112,15 @@ class PubSubDelivery:
         topic = await self._broker.dead_letter_topic(self.queue.project)
         if not topic:
             log.error(
-                "message rejected and acknowledged: its subscription has no dead-letter policy to keep it (%s)",
-                reason,
-                extra=self.log_context,
+                "message rejected and acknowledged: its subscription has no dead-letter policy to keep it",
+                extra={**self.log_context, "reason": reason},
             )
             await self._acknowledge()
             return
         attributes = {**self.attributes, REASON_ATTRIBUTE: reason[:1024], SOURCE_ATTRIBUTE: self.queue.name}
         await self._broker.send(topic, self.body, attributes)
         await self._acknowledge()
-        log.info("dead-lettered to %s: %s", topic, reason, extra=self.log_context)
+        log.info("dead-lettered", extra={**self.log_context, "topic": topic, "reason": reason})
 
     async def _settle(self, action: str, operation: Any) -> None:
         if self._settled:
@@ -177,7 +172,7 @@ class PubSubBroker:
 
         self._subscriber = SubscriberClient(service_file=self._service_file, api_root=self._api_root)
         self._publisher = PublisherClient(service_file=self._service_file, api_root=self._api_root)
-        log.info("Pub/Sub subscriptions of project %s", self.project, extra=_BROKER)
+        log.info("Pub/Sub subscriptions", extra={**_BROKER, "project": self.project})
 
     async def close(self) -> None:
         self._closed = True
@@ -230,7 +225,10 @@ class PubSubBroker:
         try:
             info: Mapping[str, Any] = await self.call(self.subscriber().get_subscription(subscription))
         except Exception as err:
-            log.warning("policy of %s not read (%s); using what discovery saw", subscription, err, extra=_BROKER)
+            log.warning(
+                "dead-letter policy not read: using what discovery saw",
+                extra={**_BROKER, "subscription": subscription, "error": str(err)},
+            )
             return self._dead_letter_topics.get(subscription, "")
         return str((info.get("deadLetterPolicy") or {}).get("deadLetterTopic") or "")
 
@@ -268,7 +266,7 @@ class PubSubBroker:
             ack_ids = [d._ack_id for d in deliveries]
             await self.call(self.subscriber().modify_ack_deadline(queue.project, ack_ids, self.lease_seconds))
         except Exception as err:  # they stay held for the subscription's deadline; keep_alive comes within it
-            log.warning("lease not extended on receipt: %s", err, extra={"queue": queue.name, **_BROKER})
+            log.warning("lease not extended on receipt", extra={"queue": queue.name, **_BROKER, "error": str(err)})
         else:
             for delivery in deliveries:
                 delivery.extended()
@@ -293,14 +291,14 @@ class PubSubBroker:
         try:
             await self.call(self.publisher().create_topic(topic))
         except Exception as err:
-            if _status(err) != 409:  # 409: it exists already
+            if http_status(err) != 409:  # 409: it exists already
                 raise
         try:
             await self.call(
                 self.subscriber().create_subscription(subscription, topic, {"ackDeadlineSeconds": CLIENT_ACK_DEADLINE})
             )
         except Exception as err:
-            if _status(err) != 409:
+            if http_status(err) != 409:
                 raise
         message_id = await self.send(topic, body, {})
         log.info("published", extra={"queue": queue, "message_id": message_id, **_BROKER})
@@ -335,7 +333,7 @@ class SubscriptionSource:
         except TimeoutError:
             return []
         except Exception as err:
-            if _status(err) == 404:
+            if http_status(err) == 404:
                 raise QueueGone(f"{queue}: the subscription {queue.project} was deleted") from err
             raise
         # Discovery re-reads every subscription's deadline, so a change reaches the messages pulled after it.

@@ -43,9 +43,7 @@ import email.utils
 import hashlib
 import logging
 import math
-import os
 import re
-import socket
 import ssl
 import time
 import uuid
@@ -63,6 +61,7 @@ from pamqp import commands as spec
 
 from runner.amqp_endpoint import AmqpEndpoint
 from runner.config import option_default
+from runner.identity import new_runner_id
 from runner.queues.base import BrokerAway, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.rabbitmq_orphans import plan_sweep
@@ -592,12 +591,6 @@ class RabbitDelivery:
 # --- the broker ---------------------------------------------------------------------------------------------------
 
 
-def new_runner_id() -> str:
-    """Unique per runner process, readable in the management UI: host, pid and a random part."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:60] or "host"
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 class RabbitBroker:
     """Work queues on one RabbitMQ virtual host (see the module docstring for the protocol)."""
 
@@ -662,10 +655,13 @@ class RabbitBroker:
         self._api = ManagementApi(self.endpoint, self._http)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"rabbitmq {self.endpoint.shown}")
         log.info(
-            "RabbitMQ queues at %s as runner %s",
-            self.endpoint.shown,
-            self.runner_id,
-            extra={"broker": BROKER_NAME, "management": self.endpoint.management_url},
+            "RabbitMQ queues",
+            extra={
+                "broker": BROKER_NAME,
+                "endpoint": self.endpoint.shown,
+                "runner": self.runner_id,
+                "management": self.endpoint.management_url,
+            },
         )
 
     async def close(self) -> None:
@@ -681,10 +677,8 @@ class RabbitBroker:
             held = len(self._unsettled) + len(self._deferred)
             if held:
                 log.warning(
-                    "closing with %d messages still held; other runners return them to their queues after %gs",
-                    held,
-                    self.orphan_grace,
-                    extra={"broker": BROKER_NAME},
+                    "closing with messages still held: other runners return them to their queues after the grace",
+                    extra={"broker": BROKER_NAME, "held": held, "orphan_grace": self.orphan_grace},
                 )
         finally:
             supervisor.cancel()
@@ -776,10 +770,8 @@ class RabbitBroker:
                     self._deferred[delivery.held] = (delivery, settlement)
                     self._unsettled.pop(delivery.held, None)
                     log.warning(
-                        "RabbitMQ unavailable: %s deferred until it is back (%s)",
-                        settlement.action,
-                        type(err).__name__,
-                        extra=delivery.log_context,
+                        "RabbitMQ unavailable: settlement deferred until it is back",
+                        extra={**delivery.log_context, "action": settlement.action, "error": type(err).__name__},
                     )
                     return
                 await backoff.wait(at_most=deadline - time.monotonic())
@@ -936,7 +928,7 @@ class RabbitBroker:
             except Exception as err:  # the next sweep tries again; the same trouble is reported once
                 problem = f"{type(err).__name__}: {err}"
                 if problem != last_problem and self._link.connected:
-                    log.warning("RabbitMQ upkeep failed: %s", problem, extra={"broker": BROKER_NAME})
+                    log.warning("RabbitMQ upkeep failed", extra={"broker": BROKER_NAME, "error": problem})
                 last_problem = problem
 
     async def _retry_deferred(self) -> None:
@@ -949,7 +941,10 @@ class RabbitBroker:
                     raise
                 self._deferred.pop(delivery.held, None)  # refused by the broker: the held copy waits for adoption
                 self._unsettled[delivery.held] = delivery
-                log.error("deferred %s failed: %s", settlement.action, err, extra=delivery.log_context)
+                log.error(
+                    "deferred settlement failed",
+                    extra={**delivery.log_context, "action": settlement.action, "error": str(err)},
+                )
 
     async def _sweep(self, conn: aiormq.abc.AbstractConnection) -> None:
         api = self._require_api()
@@ -1007,11 +1002,11 @@ class RabbitBroker:
                         mandatory=True,
                         timeout=_OPERATION_TIMEOUT,
                     )
-                    log.warning("returned a message held by runner %s (gone) to its queue", holder, extra=extra)
+                    log.warning("returned a dead runner's message to its queue", extra={**extra, "runner": holder})
                 except amqp.PublishError:
                     reason = "the queue was deleted while the message was held by a runner that died"
                     await self._dead_letter(conn, channel, copy, origin or "studio-runner.unknown", deliveries, reason)
-                    log.warning("dead-lettered a message held by runner %s (gone): queue gone", holder, extra=extra)
+                    log.warning("dead-lettered a dead runner's message: queue gone", extra={**extra, "runner": holder})
                 await channel.basic_ack(_tag_of(copy))
         async with _channel(conn) as channel:
             await channel.queue_delete(held)

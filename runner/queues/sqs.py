@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from runner.aws import error_code, new_session
 from runner.config import option_default
 from runner.queues.base import InFlight, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
@@ -101,8 +101,7 @@ class _Route:
 
 
 def _code(err: BaseException) -> str:
-    response: Mapping[str, Any] = getattr(err, "response", None) or {}
-    return str((response.get("Error") or {}).get("Code") or "")
+    return error_code(err)[0]
 
 
 def parse_redrive(attributes: Mapping[str, str], queue_url: str) -> QueueInfo:
@@ -116,7 +115,7 @@ def parse_redrive(attributes: Mapping[str, str], queue_url: str) -> QueueInfo:
         arn = str(policy["deadLetterTargetArn"])
         max_receive = int(policy.get("maxReceiveCount") or 0) or None
     except (ValueError, KeyError, TypeError):
-        log.warning("ignoring an unreadable RedrivePolicy %r", text, extra={"queue": queue_url})
+        log.warning("ignoring an unreadable RedrivePolicy", extra={"queue": queue_url, "policy": text})
         return QueueInfo(fetched=time.monotonic())
     parts = arn.split(":")
     base = queue_url.rsplit("/", 2)[0]  # scheme://host of the queue URL
@@ -194,11 +193,11 @@ class SqsDelivery:
                 f"(maxReceiveCount {info.max_receive})"
             )
             await self._settle("dead_letter", lambda: self._send_to_dead_letter(reason, info.dead_letter_url or ""))
-            log.warning("dead-lettered instead of requeued: %s", reason, extra=self.log_context)
+            log.warning("dead-lettered instead of requeued", extra={**self.log_context, "reason": reason})
             return
         seconds = max(0, min(math.ceil(delay), int(remaining) - 1, int(MAX_HOLD)))
         await self._settle("requeue", lambda: self._set_visibility(seconds))
-        log.info("requeued, visible again in %ds", seconds, extra=self.log_context)
+        log.info("requeued", extra={**self.log_context, "visible_in": seconds})
 
     async def dead_letter(self, reason: str) -> None:
         info = await self._broker.queue_info(self._client(), self.url)
@@ -213,7 +212,7 @@ class SqsDelivery:
             return
         target = info.dead_letter_url
         await self._settle("dead_letter", lambda: self._send_to_dead_letter(reason, target))
-        log.warning("dead-lettered to %s: %s", target.rsplit("/", 1)[-1], reason, extra=self.log_context)
+        log.warning("dead-lettered", extra={**self.log_context, "to": target.rsplit("/", 1)[-1], "reason": reason})
 
     async def keep_alive(self) -> None:
         """Extend the lease by ``visibility`` seconds, never past SQS's 12 h ceiling; near it, set ``lease_ending``."""
@@ -309,11 +308,13 @@ class SqsDelivery:
         )
         await self._delete()
         log.info(
-            "renewed as message %s after %s held (%d earlier deliveries carried over)",
-            sent.get("MessageId"),
-            _hours(self.held_for()),
-            carried,
-            extra=self.log_context,
+            "renewed as a new message",
+            extra={
+                **self.log_context,
+                "new_message_id": sent.get("MessageId"),
+                "held": _hours(self.held_for()),
+                "carried": carried,
+            },
         )
 
     async def _send_to_dead_letter(self, reason: str, target_url: str) -> None:
@@ -392,11 +393,11 @@ class SqsBroker:
     async def open(self) -> None:
         """Load the AWS SDK (in a worker thread: the first load reads many files) and read the accounts."""
         if self._session is None:
-            self._session = await asyncio.to_thread(_new_session)
+            self._session = await asyncio.to_thread(new_session, "sqs")
         self._closed = False
         await self._refresh_accounts()
         sources = [a.config.describe() for a in self._accounts.values()]
-        log.info("SQS queues from %s", ", ".join(sources) or "no account yet", extra=_BROKER)
+        log.info("SQS queues", extra={**_BROKER, "accounts": ", ".join(sources) or "none yet"})
 
     async def close(self) -> None:
         self._closed = True
@@ -424,14 +425,16 @@ class SqsBroker:
             for name, problem in problems.items():
                 if self._reported.get(f"dir:{name}") != problem:
                     self._reported[f"dir:{name}"] = problem
-                    log.warning("SQS credentials directory %s skipped: %s", name, problem, extra=_BROKER)
+                    log.warning(
+                        "SQS credentials directory skipped", extra={**_BROKER, "directory": name, "problem": problem}
+                    )
             for name in [k for k in self._reported if k.startswith("dir:") and k[4:] not in problems]:
                 del self._reported[name]
             wanted.update(found)
         if self.chain_region:
             wanted[CHAIN] = chain_account(self.chain_region)
         for key in [k for k in self._accounts if k not in wanted]:
-            log.info("SQS account %s is gone", self._accounts[key].config.describe(), extra=_BROKER)
+            log.info("SQS account gone", extra={**_BROKER, "account": self._accounts[key].config.describe()})
             self._retire(self._accounts.pop(key))
             self._listings.pop(key, None)
         for key, config in wanted.items():
@@ -440,10 +443,10 @@ class SqsBroker:
                 continue
             self._accounts[key] = await self._open_account(config)
             if current is not None:
-                log.info("SQS account %s changed: reloaded", config.describe(), extra=_BROKER)
+                log.info("SQS account changed: reloaded", extra={**_BROKER, "account": config.describe()})
                 self._retire(current)
             else:
-                log.info("SQS account %s added", config.describe(), extra=_BROKER)
+                log.info("SQS account added", extra={**_BROKER, "account": config.describe()})
         self.release_retired()
 
     async def _open_account(self, config: AccountConfig) -> _Account:
@@ -530,11 +533,13 @@ class SqsBroker:
                 errors.append(result)
                 kept = self._listings.get(key, [])
                 log.warning(
-                    "SQS queues of %s not listed (keeping the %d known): %s",
-                    self._accounts[key].config.describe(),
-                    len(kept),
-                    result,
-                    extra=_BROKER,
+                    "SQS queues not listed: keeping the known ones",
+                    extra={
+                        **_BROKER,
+                        "account": self._accounts[key].config.describe(),
+                        "known": len(kept),
+                        "error": str(result),
+                    },
                 )
                 urls = kept
             else:
@@ -571,7 +576,7 @@ class SqsBroker:
                 try:
                     return await self.queue_info(self._accounts[route.account_key].client, url)
                 except Exception as err:  # not fatal: the queue is consumed; its policy is read again later
-                    log.debug("attributes of %s not read: %s", url, err, extra=_BROKER)
+                    log.debug("queue attributes not read", extra={**_BROKER, "queue": url, "error": str(err)})
                     return None
 
         items = list(routes.items())
@@ -684,21 +689,7 @@ class QueueSource:
 
 def _log_close_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.debug("closing a replaced SQS client failed: %s", task.exception(), extra=_BROKER)
-
-
-def _new_session() -> Any:
-    """Import the AWS SDK and make a session, in a worker thread."""
-    session_module = importlib.import_module("aiobotocore.session")
-    session = session_module.get_session()
-    loader = session.get_component("data_loader")
-    loader.load_service_model("sqs", "service-2")
-    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
-        with contextlib.suppress(Exception):
-            loader.load_data(name)
-    with contextlib.suppress(Exception):
-        loader.load_service_model("sqs", "endpoint-rule-set-1")
-    return session
+        log.debug("closing a replaced SQS client failed", extra={**_BROKER, "error": str(task.exception())})
 
 
 if TYPE_CHECKING:

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import importlib
 import io
 import itertools
 import logging
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from runner.aws import error_code, new_session
 from runner.clip import clip
 from runner.config import option_default
 from runner.request import AwsCredentials
@@ -145,14 +145,6 @@ def _credential_key(credentials: AwsCredentials | None) -> tuple[str, str, str] 
 # Errors
 
 
-def _error_code(err: BaseException) -> tuple[str, int, str]:
-    response: Mapping[str, Any] = getattr(err, "response", None) or {}
-    error = response.get("Error") or {}
-    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-    code = str(error.get("Code") or status or "")
-    return code, status, str(error.get("Message") or "")
-
-
 def _is_network(err: BaseException) -> bool:
     import aiohttp
     from botocore import exceptions as bx
@@ -176,7 +168,7 @@ def _retryable(err: BaseException) -> bool:
     if isinstance(err, _Short | Mismatch):
         return True
     if isinstance(err, ClientError):
-        code, status, _ = _error_code(err)
+        code, status, _ = error_code(err)
         return code in _TRANSIENT_CODES or status >= 500 or status == 429
     return _is_network(err)
 
@@ -191,7 +183,7 @@ def _translate(err: BaseException, loc: S3Location, action: str, credentials: Aw
     if isinstance(err, bx.ParamValidationError):  # refused by botocore before sending: an invalid bucket name, ...
         return UnusableObject(f"{where}: {action} impossible: {clip(str(err).replace(chr(10), ' '))}")
     if isinstance(err, bx.ClientError):
-        code, status, message = _error_code(err)
+        code, status, message = error_code(err)
         detail = f"{code}: {message}" if message and message != code else code
         if code == "NoSuchBucket":
             return ObjectNotFound(f"{where}: there is no bucket '{loc.bucket}' at {loc.endpoint}")
@@ -476,7 +468,7 @@ class S3Store:
                 await self._request(lambda: client.head_bucket(Bucket=loc.bucket), f"look for bucket {loc.bucket}")
                 return
             except ClientError as err:
-                code, status, _ = _error_code(err)
+                code, status, _ = error_code(err)
                 if status != 404 and code not in ("404", "NoSuchBucket", "NotFound"):
                     raise
             region = loc.endpoint.region
@@ -488,7 +480,7 @@ class S3Store:
                     lambda: client.create_bucket(Bucket=loc.bucket, **where), f"creation of bucket {loc.bucket}"
                 )
             except ClientError as err:
-                if _error_code(err)[0] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                if error_code(err)[0] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
     # -- downloads -------------------------------------------------------------------------------------------------
@@ -502,7 +494,7 @@ class S3Store:
             )
             return head
         except ClientError as err:
-            code, status, _ = _error_code(err)
+            code, status, _ = error_code(err)
             if status not in (400, 403) or code not in ("400", "403", "Forbidden", "BadRequest"):
                 raise
             # A refused HEAD has no body to say why; a one-byte GET does (InvalidAccessKeyId, ...).
@@ -564,7 +556,7 @@ class S3Store:
                         Bucket=loc.bucket, Key=loc.key, Range=f"bytes={start}-{end - 1}", IfMatch=raw_etag
                     )
                 except Exception as err:
-                    code, status, _ = _error_code(err)
+                    code, status, _ = error_code(err)
                     if status == 412 or code == "PreconditionFailed":
                         raise _Changed() from None
                     raise
@@ -686,7 +678,7 @@ class S3Store:
                 )
                 return created, True
             except ClientError as err:
-                code, status, _ = _error_code(err)
+                code, status, _ = error_code(err)
                 if status not in (400, 501) or code not in _CHECKSUMS_REFUSED:
                     raise
                 log.info("%s takes no CRC32 part checksums (%s): Content-MD5 only", loc.endpoint, code)
@@ -825,7 +817,7 @@ class S3Store:
             if entry is not None:
                 return entry
             if self._session is None:
-                self._session = await asyncio.to_thread(_new_session)
+                self._session = await asyncio.to_thread(new_session, "s3", "sqs")
             entry = await self._create_client(endpoint, credentials)
             self._clients[key] = entry
             await self._evict_idle()
@@ -883,21 +875,6 @@ class S3Store:
                 del self._clients[key]
                 with contextlib.suppress(Exception):
                     await entry.stack.aclose()
-
-
-def _new_session() -> Any:
-    """Import the AWS SDK and make a session, in a worker thread: both read many files the first time."""
-    session_module = importlib.import_module("aiobotocore.session")
-    session = session_module.get_session()
-    loader = session.get_component("data_loader")
-    for service in ("s3", "sqs"):
-        loader.load_service_model(service, "service-2")
-        with contextlib.suppress(Exception):
-            loader.load_service_model(service, "endpoint-rule-set-1")
-    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
-        with contextlib.suppress(Exception):
-            loader.load_data(name)
-    return session
 
 
 class BoundS3Store:
