@@ -112,8 +112,9 @@ class PubSubDelivery:
         topic = await self._broker.dead_letter_topic(self.queue.project)
         if not topic:
             log.error(
-                "message rejected and acknowledged: its subscription has no dead-letter policy to keep it",
-                extra={**self.log_context, "reason": reason},
+                "message rejected and acknowledged: its subscription has no dead-letter policy to keep it (%s)",
+                reason,
+                extra=self.log_context,
             )
             await self._acknowledge()
             return

@@ -425,16 +425,14 @@ class SqsBroker:
             for name, problem in problems.items():
                 if self._reported.get(f"dir:{name}") != problem:
                     self._reported[f"dir:{name}"] = problem
-                    log.warning(
-                        "SQS credentials directory skipped", extra={**_BROKER, "directory": name, "problem": problem}
-                    )
+                    log.warning("SQS credentials directory %s skipped: %s", name, problem, extra=_BROKER)
             for name in [k for k in self._reported if k.startswith("dir:") and k[4:] not in problems]:
                 del self._reported[name]
             wanted.update(found)
         if self.chain_region:
             wanted[CHAIN] = chain_account(self.chain_region)
         for key in [k for k in self._accounts if k not in wanted]:
-            log.info("SQS account gone", extra={**_BROKER, "account": self._accounts[key].config.describe()})
+            log.info("SQS account %s is gone", self._accounts[key].config.describe(), extra=_BROKER)
             self._retire(self._accounts.pop(key))
             self._listings.pop(key, None)
         for key, config in wanted.items():
@@ -443,10 +441,10 @@ class SqsBroker:
                 continue
             self._accounts[key] = await self._open_account(config)
             if current is not None:
-                log.info("SQS account changed: reloaded", extra={**_BROKER, "account": config.describe()})
+                log.info("SQS account %s changed: reloaded", config.describe(), extra=_BROKER)
                 self._retire(current)
             else:
-                log.info("SQS account added", extra={**_BROKER, "account": config.describe()})
+                log.info("SQS account %s added", config.describe(), extra=_BROKER)
         self.release_retired()
 
     async def _open_account(self, config: AccountConfig) -> _Account:
