@@ -287,6 +287,7 @@ def fill(queue_dir: Path, count: int) -> None:
 
 async def claim_times(root: Path, queue: str, claims: int) -> tuple[list[float], int]:
     """Seconds per claim of ``claims`` messages from ``queue`` (each acked), and the peak bytes Python held."""
+    from runner.consume import consume
     from runner.queues.local import LocalBroker
     from runner.queues.matcher import QueueMatcher
 
@@ -296,7 +297,7 @@ async def claim_times(root: Path, queue: str, claims: int) -> tuple[list[float],
     tracemalloc.start()
     try:
         ref = next(q for q in await broker.discover() if q.name == queue)
-        deliveries = broker.consume(ref, _Free())
+        deliveries = consume(broker.source(ref), _Free())
         t = time.perf_counter()
         async for delivery in deliveries:
             times.append(time.perf_counter() - t)

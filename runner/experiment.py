@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from runner.all_artifacts import StagingFailed, download_all, upload_all
 from runner.clip import clip
+from runner.config import option_default
 from runner.execution.containment import MARKER, Containment, Ownership
 from runner.execution.diskreserve import UPLOAD_RESERVE, release, reserve
 from runner.execution.process import ProcessResult, SecretFilter, Spawn, build_environment, experiment_argv, run_process
@@ -65,8 +66,8 @@ _TAIL_LINE_CHARS = 4096  # so that _results.json fits in the disk reserve whatev
 @dataclass(frozen=True)
 class LifecycleSettings:
     working_dir: Path
-    stop_grace: float = 30.0
-    status_interval: float = 10.0
+    stop_grace: float = option_default("stop-grace")
+    status_interval: float = option_default("status-interval")
     debug: bool = False
     allow_env_secrets: bool = False
     max_disk: int = 0  # bytes an experiment may stage when its request names no hdd; 0 = no budget
