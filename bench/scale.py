@@ -8,8 +8,11 @@
   and 100k messages, and with 1,000 queues of 100; memory held while claiming. Baseline: the 1k backlog. Target:
   100k ≤ 2× 1k.
 - **staging**: an experiment with four equal artifacts on S3 (moto): the runner's download phase against the time
-  of the largest download alone and the sum of the four, measured through the same store in the same run.
-  Target: ≤ 1.3× the largest.
+  of the largest download alone and the sum of the four, measured through the same store in the same run. Both
+  sides are warmed up first with a tiny download (S3 client, credentials, botocore's service model), so the figure
+  is the staging itself. Target: ≤ 1.3× the largest. One download already keeps every request slot of the transfer
+  pool busy, so the target needs a store whose requests wait on the network; against moto on a machine with few
+  cores moving the bytes is CPU-bound (moto is Python) and the sum of the four is the floor.
 
 Usage: ``python bench/scale.py [--brokers local,rabbitmq,sqs] [--queues 1,100,1000] [--window 10]
 [--backlogs 1000,10000,100000] [--artifact-mib 64] [--skip idle,claim,staging]``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -283,6 +287,7 @@ def fill(queue_dir: Path, count: int) -> None:
 
 async def claim_times(root: Path, queue: str, claims: int) -> tuple[list[float], int]:
     """Seconds per claim of ``claims`` messages from ``queue`` (each acked), and the peak bytes Python held."""
+    from runner.consume import consume
     from runner.queues.local import LocalBroker
     from runner.queues.matcher import QueueMatcher
 
@@ -292,7 +297,7 @@ async def claim_times(root: Path, queue: str, claims: int) -> tuple[list[float],
     tracemalloc.start()
     try:
         ref = next(q for q in await broker.discover() if q.name == queue)
-        deliveries = broker.consume(ref, _Free())
+        deliveries = consume(broker.source(ref), _Free())
         t = time.perf_counter()
         async for delivery in deliveries:
             times.append(time.perf_counter() - t)
@@ -339,6 +344,24 @@ async def claim_curve(args: argparse.Namespace) -> None:
 # -- staging four artifacts --------------------------------------------------------------------------------------
 
 
+def finished(root: Path, count: int) -> bool:
+    """Whether the runner logging to ``root`` has finished ``count`` experiments."""
+    return (root / "runner.log").read_text().count("experiment finished") >= count
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 async def staging(args: argparse.Namespace) -> None:
     from aiobotocore.session import get_session
 
@@ -359,6 +382,8 @@ async def staging(args: argparse.Namespace) -> None:
             ) as s3:
                 await s3.create_bucket(Bucket="scale")
                 labels = ["workspace", "data1", "data2", "data3"]
+                # A tiny workspace that warms up each side (S3 client, credentials, service model) untimed.
+                await s3.put_object(Bucket="scale", Key="in/warm.tar", Body=tar_bytes({"train.py": b"print(1)\n"}))
                 for label in labels:
                     src = root / "src" / label
                     src.mkdir(parents=True)
@@ -384,6 +409,7 @@ async def staging(args: argparse.Namespace) -> None:
             io = ArtifactIO({"s3": store}, cache=None)
             alone = []
             try:
+                await io.fetch(artifact("warm"), root / "alone" / "warm")
                 for label in labels:
                     dest = root / "alone" / label
                     dest.mkdir(parents=True)
@@ -401,40 +427,45 @@ async def staging(args: argparse.Namespace) -> None:
                     "credentials": {"aws": {"access_key": KEY_ID, "secret_access_key": SECRET, "region": REGION}},
                 }
 
-            request = {
-                "experiment": {
-                    "key": "staging-1",
-                    "filename": "train.py",
-                    "pythonver": f"{sys.version_info.major}.{sys.version_info.minor}",
-                    "resources_needed": {"cpus": 1, "hdd": f"{8 * args.artifact_mib + 200}mb"},
-                    "artifacts": {
-                        **{label: spec(artifact(label)) for label in labels},
-                        "output": spec(artifact("output", True)),
-                        "_results": spec(artifact("_results", True)),
+            def request(key: str, inputs: dict[str, Artifact]) -> dict[str, Any]:
+                return {
+                    "experiment": {
+                        "key": key,
+                        "filename": "train.py",
+                        "pythonver": f"{sys.version_info.major}.{sys.version_info.minor}",
+                        "resources_needed": {"cpus": 1, "hdd": f"{8 * args.artifact_mib + 200}mb"},
+                        "artifacts": {
+                            **{label: spec(a) for label, a in inputs.items()},
+                            "output": spec(artifact(f"{key}/output", True)),
+                            "_results": spec(artifact(f"{key}/_results", True)),
+                        },
                     },
-                },
-                "config": {},
-            }
+                    "config": {},
+                }
+
             queue = root / "queue" / "local_staging"
             queue.mkdir(parents=True)
-            (queue / "m1").write_text(json.dumps(request))
             proc, port = start_runner(root, QUEUE_MATCH="^local_staging$", CACHE_SIZE="0")
             try:
-                wait_until(
-                    lambda: "experiment finished" in (root / "runner.log").read_text(), 600, "the staging experiment"
-                )
-                text = metrics(port)
+                # The runner warmed up as the baseline was: a first experiment staging the tiny workspace.
+                phases = []
+                for n, inputs in enumerate(({"workspace": artifact("warm")}, {x: artifact(x) for x in labels})):
+                    (queue / f"m{n}").write_text(json.dumps(request(f"staging-{n}", inputs)))
+                    wait_until(functools.partial(finished, root, n + 1), 600, f"staging experiment {n}")
+                    match = re.search(r'runner_task_phase_seconds_sum\{phase="download"\} ([0-9.e+-]+)', metrics(port))
+                    if match is None:
+                        print("staging: no download phase measured; see", root / "runner.log")
+                        return
+                    phases.append(float(match.group(1)))
             finally:
                 stop(proc)
-            match = re.search(r'runner_task_phase_seconds_sum\{phase="download"\} ([0-9.e+-]+)', text)
-            if match is None:
-                print("staging: no download phase measured; see", root / "runner.log")
-                return
-            staged = float(match.group(1))
+            staged = phases[1] - phases[0]
     finally:
         servers.close()
     largest, total = max(alone), sum(alone)
-    print(f"\nstaging four artifacts of {args.artifact_mib} MiB from S3 (moto)")
+    print(
+        f"\nstaging four artifacts of {args.artifact_mib} MiB from S3 (moto), {os.cpu_count()} cores, both sides warm"
+    )
     report("baseline: largest alone", f"{largest:.2f} s", "-", True, f"sum of the four alone {total:.2f} s")
     report(
         "runner's download phase",

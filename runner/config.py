@@ -25,6 +25,7 @@ import platformdirs
 
 from runner.amqp_endpoint import AmqpEndpoint, redact_url
 from runner.expand import expand_variables
+from runner.outcome import MAX_DELIVERIES
 from runner.queues.matcher import DEFAULT_MATCH, QueueMatcher
 from runner.units import DURATION_FORM, SIZE_FORM, format_duration, format_size, parse_duration, parse_size
 
@@ -919,7 +920,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "max-deliveries",
         _LIFECYCLE,
         _at_least_one,
-        "5",
+        str(MAX_DELIVERIES),
         "a whole number, 1 or more",
         "deliveries that may end in an infrastructure error before the message is dead-lettered",
         metavar="N",
@@ -1114,6 +1115,14 @@ _OPTIONS: tuple[_Option, ...] = (
 )
 
 _BY_FLAG: Mapping[str, _Option] = {option.flag: option for option in _OPTIONS}
+
+
+def option_default(flag: str) -> Any:
+    """The default of option ``flag`` (one that does not depend on the environment), converted as a given value
+    would be: what a backend built without Settings (a test, a bench) takes as its constructor's default, so that
+    every default is written in the option table only."""
+    option = _BY_FLAG[flag]
+    return option.parse(option.default_text({}), {})
 
 
 # --- the parser ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import re
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from runner.all_artifacts import StagingFailed, download_all, upload_all
 from runner.clip import clip
+from runner.config import option_default
 from runner.execution.containment import MARKER, Containment, Ownership
 from runner.execution.diskreserve import UPLOAD_RESERVE, release, reserve
 from runner.execution.process import ProcessResult, SecretFilter, Spawn, build_environment, experiment_argv, run_process
@@ -63,8 +66,8 @@ _TAIL_LINE_CHARS = 4096  # so that _results.json fits in the disk reserve whatev
 @dataclass(frozen=True)
 class LifecycleSettings:
     working_dir: Path
-    stop_grace: float = 30.0
-    status_interval: float = 10.0
+    stop_grace: float = option_default("stop-grace")
+    status_interval: float = option_default("status-interval")
     debug: bool = False
     allow_env_secrets: bool = False
     max_disk: int = 0  # bytes an experiment may stage when its request names no hdd; 0 = no budget
@@ -257,43 +260,47 @@ class Experiment:
         return limit, f"this runner's disk budget of {format_size(limit)} (--max-disk, or the free space)"
 
     async def _stage(self) -> None:
-        """Download every input; only an object the store says does not exist is skipped (a mutable artifact on
-        its first run). Any other failure ends the run before it starts: ``failed`` when trying again cannot help
-        (access denied, a damaged archive, a missing input, over the disk budget), ``infrastructure`` otherwise (the
-        message is requeued), and a mutable artifact that was not staged is never uploaded, so its stored checkpoint
-        is kept as it is."""
+        """Download every input, all at once (runner/all_artifacts.py); only an object the store says does not
+        exist is skipped (a mutable artifact on its first run). Any other failure cancels the other downloads and
+        ends the run before it starts: ``failed`` when trying again cannot help (access denied, a damaged archive, a
+        missing input, over the disk budget), ``infrastructure`` otherwise (the message is requeued), and a mutable
+        artifact that was not staged is never uploaded, so its stored checkpoint is kept as it is."""
         limit, budget_name = self._disk_budget()
-        staged = 0
-        for label, artifact in sorted(self.artifacts.items()):
-            target = self.label_dir(label)
-            await asyncio.to_thread(target.mkdir, parents=True, exist_ok=True)
-            if label in NOT_UPLOADED or not (artifact.qualified or artifact.url):
-                self._staged.add(label)
-                continue
-            budget = None
-            if limit > 0:
-                left = f"the {format_size(limit - staged)} left of {budget_name}" if staged else budget_name
-                budget = DiskBudget(limit - staged, left)
-            try:
-                size = await self.tools.artifacts.fetch(artifact, target, budget)
-                staged += size
-            except ObjectNotFound as err:
-                if not artifact.mutable:
-                    await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
-                # A first run: a mutable artifact does not exist until this experiment uploads it.
-                self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
-            except (AccessDenied, ArchiveError, UnusableObject) as err:
-                # Mutable or not (an archive over the disk budget included): another attempt cannot help.
-                await self._abort(Outcome.FAILED, f"failed when downloading user data: {err}")
-            except (StorageError, OSError) as err:
-                # Transient or unclassified: the object may well exist (a checkpoint to resume from), so nothing
-                # may start without it; another attempt will find it.
-                await self._abort(Outcome.INFRASTRUCTURE, f"failed when downloading user data: {err}")
-            else:
-                self.tools.metrics.transfer_bytes.labels("down", _scheme(artifact)).inc(size)
-                self._log("artifact staged", label=label, bytes=size)
-            self._staged.add(label)
+        # One budget for all the artifacts, charged by every download as it writes.
+        budget = DiskBudget(limit, budget_name) if limit > 0 else None
+        await asyncio.to_thread(self._make_label_dirs)
+        stored = {label for label, a in self.artifacts.items() if label not in NOT_UPLOADED and (a.qualified or a.url)}
+        self._staged.update(set(self.artifacts) - stored)
+        try:
+            await download_all(sorted(stored), lambda label: self._stage_one(label, budget))
+        except StagingFailed as failure:
+            await self._abort(failure.outcome, failure.message)
         await asyncio.to_thread(self.output_file.parent.mkdir, parents=True, exist_ok=True)
+
+    async def _stage_one(self, label: str, budget: DiskBudget | None) -> None:
+        artifact = self.artifacts[label]
+        try:
+            size = await self.tools.artifacts.fetch(artifact, self.label_dir(label), budget)
+        except ObjectNotFound as err:
+            if not artifact.mutable:
+                raise StagingFailed(label, Outcome.FAILED, f"failed when downloading user data: {err}") from err
+            # A first run: a mutable artifact does not exist until this experiment uploads it.
+            self._log("mutable artifact not downloaded", level=logging.DEBUG, label=label, reason=str(err))
+        except (AccessDenied, ArchiveError, UnusableObject) as err:
+            # Mutable or not (an archive over the disk budget included): another attempt cannot help.
+            raise StagingFailed(label, Outcome.FAILED, f"failed when downloading user data: {err}") from err
+        except (StorageError, OSError) as err:
+            # Transient or unclassified: the object may well exist (a checkpoint to resume from), so nothing
+            # may start without it; another attempt will find it.
+            raise StagingFailed(label, Outcome.INFRASTRUCTURE, f"failed when downloading user data: {err}") from err
+        else:
+            self.tools.metrics.transfer_bytes.labels("down", _scheme(artifact)).inc(size)
+            self._log("artifact staged", label=label, bytes=size)
+        self._staged.add(label)
+
+    def _make_label_dirs(self) -> None:
+        for label in self.artifacts:
+            self.label_dir(label).mkdir(parents=True, exist_ok=True)
 
     async def _environment(self) -> PythonEnv:
         """The experiment's own virtualenv (an overlay on the cached environment), leased until the run is over.
@@ -442,12 +449,15 @@ class Experiment:
         if unstaged := sorted(set(mutable) - self._staged):
             self._log("not uploaded: never staged, the stored copy is kept", labels=unstaged)
         labels = sorted(self._staged.intersection(mutable), key=lambda label: (label == OUTPUT, label))
+        final = functools.partial(self._upload, checkpoint=False)
+        # All at once (runner/all_artifacts.py), then output alone as before: a client that sees the final output
+        # finds the other artifacts already stored.
+        errors = await upload_all([label for label in labels if label != OUTPUT], final)
+        errors.update(await upload_all([label for label in labels if label == OUTPUT], final))
         failures: list[str] = []
         permanent = False
         for label in labels:
-            try:
-                await self._upload(label, checkpoint=False)
-            except (StorageError, OSError) as err:
+            if (err := errors.get(label)) is not None:
                 failures.append(f"{label}: {err}")
                 permanent = permanent or isinstance(err, _PERMANENT_UPLOAD_ERRORS)
                 self._log("final upload failed", level=logging.WARNING, label=label, reason=str(err))

@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 
 from runner.config import Settings
+from runner.retry import OUTAGE, Backoff
 
 log = logging.getLogger("runner.k8s")
 
@@ -50,8 +51,6 @@ MISMATCH_KEY = "QUEUE_MISMATCH"
 # A watch asks the server to end it after this long, so a connection silently dropped by a proxy is noticed.
 WATCH_SECONDS = 300
 REQUEST_TIMEOUT = 15.0  # for a list; an apiserver answers in milliseconds
-RETRY_FIRST = 1.0
-RETRY_CEILING = 60.0
 
 
 class State(StrEnum):
@@ -240,7 +239,7 @@ class ConfigMapWatch:
     # -- following one ConfigMap ---------------------------------------------------------------------------------
 
     async def _follow(self, name: str) -> None:
-        failures = 0
+        backoff = Backoff(OUTAGE)
         version = ""
         while True:
             try:
@@ -249,14 +248,13 @@ class ConfigMapWatch:
                     self._recovered()
                     self._update(name, data)
                 version = await self._watch(name, version)
-                failures = 0
+                backoff.succeeded()
             except _Gone:
                 version = ""
             except (_Refused, _Unexpected, aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as err:
                 self._failed(err)
                 version = ""
-                failures += 1
-                await asyncio.sleep(min(RETRY_CEILING, RETRY_FIRST * 2 ** (failures - 1)))
+                await backoff.wait()
 
     def _failed(self, err: Exception) -> None:
         if isinstance(err, _Refused):

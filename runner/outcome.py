@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 # EX_TEMPFAIL from sysexits.h: an experiment exits with it to ask to be run again later (e.g. it saw a spot notice).
 EXIT_TEMPFAIL = 75
@@ -38,10 +39,14 @@ class Action(enum.StrEnum):
     DEAD_LETTER = "dead_letter"
 
 
+# --max-deliveries' default (the option table shows this one).
+MAX_DELIVERIES: Final = 5
+
+
 @dataclass(frozen=True)
 class SettlePolicy:
     retry_failed: int = 0  # how many times a failed experiment is run again
-    max_deliveries: int = 5  # infrastructure errors: deliveries before the message is dead-lettered
+    max_deliveries: int = MAX_DELIVERIES  # infrastructure errors: deliveries before the message is dead-lettered
     backoff_base: float = 10.0  # seconds; doubles with every attempt
     backoff_max: float = 600.0
 

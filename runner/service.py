@@ -32,6 +32,7 @@ from typing import Any
 from runner import backends, k8s, spot
 from runner.clip import clip
 from runner.config import Settings
+from runner.consume import CreditWatch, consume
 from runner.drain import DrainRequest
 from runner.execution import diskreserve
 from runner.execution.containment import Containment
@@ -50,6 +51,7 @@ from runner.reports import Reports, ReportStream
 from runner.request import Request, RequestError, parse_request
 from runner.resources import gpu, host
 from runner.resources.allocator import Allocation, Allocator
+from runner.retry import OUTAGE, Backoff
 from runner.storage.artifacts import ArtifactIO
 from runner.storage.base import ObjectStore
 from runner.storage.cache import ArtifactCache
@@ -134,6 +136,7 @@ class Runner:
         self._reports: Reports | None = None  # reports to <queue>_response (runner/reports.py)
         self._notifier: Notifier | None = None  # --slack-hook notices (runner/notify.py)
         self.queues = settings.queue_matcher()  # shared by the brokers; cluster control replaces its patterns
+        self._credit_watch = CreditWatch()  # one timer for every consumer waiting on a message
 
     # ----------------------------------------------------------------- serve
 
@@ -416,17 +419,23 @@ class Runner:
 
     async def _discover_loop(self, broker: Broker) -> None:
         interval = broker.discover_interval
-        failures = 0
+        backoff = Backoff(OUTAGE)
+        last_problem = ""
         consumers: dict[QueueRef, asyncio.Task[None]] = {}
         async with asyncio.TaskGroup() as tg:
             while True:
                 try:
                     found = set(await broker.discover())
-                    failures = 0
+                    backoff.succeeded()
+                    last_problem = ""
                 except Exception as err:  # a broker outage must not stop the runner
-                    failures += 1
-                    log.warning("queue discovery failed", extra={"broker": broker.name, "error": str(err)})
-                    await asyncio.sleep(min(180.0, interval * 2**failures))
+                    # Each kind of trouble is said once (the broker's own connection lines say the rest); a failed
+                    # discovery is tried again no sooner than a regular one would be.
+                    pause = max(interval, backoff.failed())
+                    if str(err) != last_problem:
+                        log.warning("queue discovery failed", extra={"broker": broker.name, "error": str(err)})
+                    last_problem = str(err)
+                    await asyncio.sleep(pause)
                     continue
                 for queue, task in list(consumers.items()):
                     if task.done() or queue not in found:
@@ -445,7 +454,8 @@ class Runner:
     async def _consume(self, broker: Broker, queue: QueueRef) -> None:
         assert self.intake is not None and self._experiments is not None
         try:
-            async for delivery in broker.consume(queue, self.intake.credit(queue)):
+            credit = self.intake.credit(queue)
+            async for delivery in consume(broker.source(queue), credit, watch=self._credit_watch, queue=str(queue)):
                 self._last_activity = time.monotonic()
                 self.metrics.messages_received.labels(broker.name, self.metrics.queue(queue.name)).inc()
                 try:

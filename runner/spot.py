@@ -25,6 +25,8 @@ from datetime import datetime
 
 import aiohttp
 
+from runner.retry import OUTAGE, Backoff
+
 log = logging.getLogger("runner.spot")
 
 PROVIDERS = ("aws", "gcp")
@@ -38,7 +40,6 @@ AWS_TOKEN_TTL = 21600  # seconds; IMDSv2's maximum
 # A GCE long poll returns at the latest after this; the client waits a little longer before calling it lost.
 GCE_WAIT_SECONDS = 60
 REQUEST_TIMEOUT = 3.0  # a metadata service answers in milliseconds; anything slower is not there
-RETRY_CEILING = 60.0
 
 
 @dataclass(frozen=True)
@@ -79,25 +80,25 @@ class _Unreachable(Exception):
 
 
 class _Backoff:
-    """Waits between failed attempts (doubling up to a minute) and warns once per outage, not once per attempt."""
+    """Waits between failed attempts (the OUTAGE policy, never less than ``first``) and warns once per outage, not
+    once per attempt."""
 
     def __init__(self, provider: str, base: str, first: float) -> None:
         self.provider, self.base, self.first = provider, base, first
-        self.failures = 0
+        self._backoff = Backoff(OUTAGE)
 
     async def failed(self, err: Exception) -> None:
-        if self.failures == 0:
+        if self._backoff.failures == 0:
             log.warning(
                 "spot notices: the metadata service does not answer; retrying",
                 extra={"provider": self.provider, "endpoint": self.base, "error": str(err) or type(err).__name__},
             )
-        self.failures += 1
-        await asyncio.sleep(min(RETRY_CEILING, self.first * 2 ** (self.failures - 1)))
+        await asyncio.sleep(max(self.first, self._backoff.failed()))
 
     def succeeded(self) -> None:
-        if self.failures:
+        if self._backoff.failures:
             log.info("spot notices: the metadata service answers again", extra={"provider": self.provider})
-        self.failures = 0
+        self._backoff.succeeded()
 
 
 # --- AWS ----------------------------------------------------------------------------------------------------------

@@ -24,9 +24,12 @@ RESERVE_NAME: Final = ".runner-reserve"
 
 
 def reserve_size(disk_capacity: int) -> int:
-    """The reserve of each experiment on a runner offering ``disk_capacity`` bytes: :data:`UPLOAD_RESERVE`, or an
-    eighth of a small budget (``--max-disk 10mib`` on a test machine must still admit work)."""
-    return min(UPLOAD_RESERVE, max(0, disk_capacity) // 8)
+    """The reserve of each experiment on a runner offering ``disk_capacity`` bytes: :data:`UPLOAD_RESERVE`, or, on a
+    budget smaller than two of those (``--max-disk 10mib``), an eighth of it, so that the runner still admits work;
+    final uploads there may then not survive a full volume."""
+    if disk_capacity >= 2 * UPLOAD_RESERVE:
+        return UPLOAD_RESERVE
+    return max(0, disk_capacity) // 8
 
 
 def reserve(directory: Path, size: int = UPLOAD_RESERVE) -> Path | None:

@@ -43,12 +43,11 @@ import json
 import logging
 import os
 import re
-import socket
 import stat
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -56,14 +55,16 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import filelock
 
-from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.config import option_default
+from runner.identity import new_runner_id
+from runner.queues.base import QueueGone, QueueRef
 from runner.queues.local_changes import DirectoryChanges, DirectoryWatch
 from runner.queues.local_responses import LocalResponseQueue, response_dir_exists
 from runner.queues.matcher import QueueMatcher
 from runner.queues.responses import response_queue_name
 
 if TYPE_CHECKING:
-    from runner.queues.base import Broker, Delivery
+    from runner.queues.base import Broker, Delivery, Source
 
 log = logging.getLogger("runner.queues.local")
 
@@ -265,10 +266,8 @@ def _break_stale_client_lock(lock_path: Path, stale_after: float, queue: str) ->
                 os.link(aside, lock_path)
             return
         log.warning(
-            "broke a stale client lock %s, %.0f s old (its writer died)",
-            lock_path,
-            age,
-            extra={"queue": queue, "message_id": None},
+            "broke a stale client lock (its writer died)",
+            extra={"queue": queue, "message_id": None, "lock": str(lock_path), "age_seconds": round(age)},
         )
     finally:
         aside.unlink(missing_ok=True)
@@ -392,7 +391,7 @@ class LocalDelivery:
 
     async def dead_letter(self, reason: str) -> None:
         await self._settle("dead_letter", lambda: self._dead_letter_sync(reason))
-        log.warning("dead-lettered: %s", reason, extra=self.log_context)
+        log.warning("dead-lettered", extra={**self.log_context, "reason": reason})
 
     async def keep_alive(self) -> None:
         """Nothing to extend: the file stays in this runner's claim area for as long as the runner lives."""
@@ -422,9 +421,7 @@ class LocalDelivery:
     def _requeue_sync(self, delay: float) -> None:
         not_before = time.time() + delay
         if _return_to_queue(self._root, self.queue.name, self._claimed, self._claimed.name, not_before):
-            log.info(
-                "requeued for attempt %d, not before %g s from now", self.attempt + 1, delay, extra=self.log_context
-            )
+            log.info("requeued", extra={**self.log_context, "next_attempt": self.attempt + 1, "delay": delay})
         else:
             self._dead_letter_sync(_QUEUE_REMOVED)
             log.warning("queue gone at requeue: dead-lettered", extra=self.log_context)
@@ -454,13 +451,13 @@ class LocalBroker:
         root: Path,
         matcher: QueueMatcher,
         *,
-        rescan_interval: float = 1.0,
+        rescan_interval: float = option_default("poll-interval"),
         stale_lock_after: float = 30.0,
         runner_id: str | None = None,
         orphan_sweep_interval: float = 30.0,
         max_lost_deliveries: int | None = None,
     ) -> None:
-        self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.runner_id = runner_id or new_runner_id()
         _check_component("runner id", self.runner_id)
         self.root = Path(root).absolute()
         self._matcher = matcher
@@ -502,7 +499,7 @@ class LocalBroker:
         self._changes.open()
         self._root_watch = await self._changes.watch(self.root, subdirectories=True)
         self._sweeps = asyncio.create_task(self._sweep_orphans_forever())
-        log.info("local queues open at %s as runner %s", self.root, self.runner_id, extra=self._log_context())
+        log.info("local queues open", extra={**self._log_context(), "root": str(self.root), "runner": self.runner_id})
 
     async def close(self) -> None:
         """Release the claim area. Messages still unsettled go back to their queues when a runner next opens root."""
@@ -521,10 +518,8 @@ class LocalBroker:
             await asyncio.gather(*self._pending, return_exceptions=True)
         if self._unsettled:
             log.warning(
-                "closing with %d unsettled messages; they return to their queues when a runner next opens %s",
-                len(self._unsettled),
-                self.root,
-                extra=self._log_context(),
+                "closing with unsettled messages: they return to their queues when a runner next opens the root",
+                extra={**self._log_context(), "unsettled": len(self._unsettled), "root": str(self.root)},
             )
         self._alive_fd = None
         await asyncio.to_thread(self._close_sync, fd)
@@ -609,17 +604,19 @@ class LocalBroker:
             if self._max_lost is not None and lost >= self._max_lost:
                 reason = f"its runner died while holding it {lost} times (the last was {dead_runner})"
                 _dead_letter_file(self.root, queue, claimed, stem, next_attempt - 1, reason, self.runner_id)
-                log.warning("dead-lettered message: %s", reason, extra=extra)
+                log.warning("dead-lettered", extra={**extra, "reason": reason})
             # Now as its mtime: behind the messages already waiting, so a crash loop cannot starve them.
             elif _return_to_queue(self.root, queue, claimed, message_name(stem, next_attempt, lost), time.time()):
-                log.warning("returned message held by dead runner %s to its queue", dead_runner, extra=extra)
+                log.warning("returned a dead runner's message to its queue", extra={**extra, "runner": dead_runner})
             else:
                 _dead_letter_file(self.root, queue, claimed, stem, next_attempt - 1, _QUEUE_REMOVED, self.runner_id)
-                log.warning("dead-lettered message held by dead runner %s: queue gone", dead_runner, extra=extra)
+                log.warning("dead-lettered a dead runner's message: queue gone", extra={**extra, "runner": dead_runner})
         except FileNotFoundError:
             pass  # another runner moved it first
         except OSError as exc:
-            log.error("cannot return message held by dead runner %s: %s", dead_runner, exc, extra=extra)
+            log.error(
+                "cannot return a dead runner's message", extra={**extra, "runner": dead_runner, "error": str(exc)}
+            )
 
     async def _sweep_orphans_forever(self) -> None:
         """Every ``orphan_sweep_interval``, return the messages of runners that died since to their queues (their
@@ -629,7 +626,7 @@ class LocalBroker:
             try:
                 await asyncio.to_thread(self._recover_orphans_sync)
             except OSError as exc:  # the next sweep tries again; consuming goes on
-                log.warning("sweep for dead runners' messages failed: %s", exc, extra=self._log_context())
+                log.warning("sweep for dead runners' messages failed", extra={**self._log_context(), "error": str(exc)})
 
     # -- queues ----------------------------------------------------------------------------------------------------
 
@@ -680,32 +677,12 @@ class LocalBroker:
             return None
         return LocalResponseQueue(self.root, name, self.root / INCOMING_DIR)
 
-    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[LocalDelivery, None]:
-        """Yield the messages of ``queue`` oldest first, each only after ``credit.wait()``; raises QueueGone.
-
-        Ends when the broker is closed.
-        """
+    def source(self, queue: QueueRef) -> DirectorySource:
+        """``queue`` as the consume loop claims from it, oldest message first."""
         _check_component("queue", queue.name)
         if self._alive_fd is None or self._closing:
             raise RuntimeError(f"{self.runner_id}: open() the broker before consuming")
-        watch = await self._changes.watch(self.root / queue.name)
-        backlog = _Backlog()
-        try:
-            while True:
-                await credit.wait()
-                if self._closing:
-                    return  # claiming now would put messages in an area that is being released
-                backlog.note(*watch.take())
-                delivery, retry_in = await self._claim(queue, backlog)
-                if delivery is None:
-                    # Nothing to take: wait for the directory to change, the oldest delayed message to come due,
-                    # or a client's lock to be released (retry_in).
-                    due = backlog.due_in(time.time_ns())
-                    await watch.wait(min((t for t in (due, retry_in) if t is not None), default=None))
-                    continue
-                yield delivery
-        finally:
-            self._changes.unwatch(watch)
+        return DirectorySource(self, queue)
 
     # -- claiming --------------------------------------------------------------------------------------------------
 
@@ -806,6 +783,54 @@ class LocalBroker:
         return {"queue": None, "message_id": None}
 
 
+class DirectorySource:
+    """One queue directory as the consume loop takes from it: one claim (an atomic rename) per take. An idle queue
+    costs nothing: a take that finds nothing waits for the kernel to report a change (see local_changes.py)."""
+
+    action = "local claim"
+    most = 1
+    in_flight = None
+    holds_while_waiting = False  # nothing is claimed while waiting
+
+    def __init__(self, broker: LocalBroker, queue: QueueRef) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._watch: DirectoryWatch | None = None
+        self._backlog = _Backlog()
+
+    async def take(self, most: int) -> list[LocalDelivery] | None:
+        broker = self._broker
+        if broker._closing:
+            return None  # claiming now would put messages in an area that is being released
+        if self._watch is None:
+            self._watch = await broker._changes.watch(broker.root / self._queue.name)
+        self._backlog.note(*self._watch.take())
+        delivery, retry_in = await broker._claim(self._queue, self._backlog)
+        if delivery is not None:
+            return [delivery]
+        # Nothing to take: wait for the directory to change, the oldest delayed message to come due, or a client's
+        # lock to be released (retry_in).
+        due = self._backlog.due_in(time.time_ns())
+        await self._watch.wait(min((t for t in (due, retry_in) if t is not None), default=None))
+        return []
+
+    async def give_back(self, messages: list[LocalDelivery]) -> None:
+        for delivery in messages:
+            await asyncio.to_thread(delivery._give_back_sync)
+            self._broker._unsettled.discard(delivery)
+
+    async def hold(self, message: LocalDelivery) -> LocalDelivery:
+        return message
+
+    async def pause(self) -> None:
+        """Nothing is claimed between takes."""
+
+    async def close(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            self._broker._changes.unwatch(watch)
+
+
 def _identity_or_none(directory: Path) -> tuple[int, int] | None:
     try:
         st = directory.stat()
@@ -850,5 +875,7 @@ def _subdirectories(directory: Path) -> list[Path]:
 
 if TYPE_CHECKING:
     # Static proof that the local broker and its deliveries satisfy the protocols the service is written against.
-    def _conforms(broker: LocalBroker, delivery: LocalDelivery) -> tuple[Broker, Delivery]:
-        return broker, delivery
+    def _conforms(
+        broker: LocalBroker, delivery: LocalDelivery, source: DirectorySource
+    ) -> tuple[Broker, Delivery, Source[LocalDelivery]]:
+        return broker, delivery, source

@@ -6,8 +6,8 @@ creates the subscription ``<queue>_sub`` for workers. This broker serves the sub
 ``<queue>_sub`` is the queue ``<queue>``, any other subscription is served under its own id, and ``--queue-match``
 decides which (so set it: the default matches only prefixed names).
 
-* **Receive** only what can start: a pull asks for at most as many messages as there are free slots, and is held
-  by the server until a message comes.
+* **Receive** only what can start: each subscription is a Source for the consume loop (runner/consume.py), whose
+  pull asks for at most as many messages as there are free slots, and is held by the server until a message comes.
 * **Lease**: a message pulled is the runner's for the subscription's own ack deadline (``ackDeadlineSeconds``,
   read from the subscription), which may be as short as 10 s. So the lease is extended to ``--pubsub-ack-deadline``
   seconds on receipt, in one ``modifyAckDeadline`` for the whole pull, and then every third of the lease in force:
@@ -31,14 +31,16 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.config import option_default
+from runner.http_errors import http_status
+from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 
 if TYPE_CHECKING:
-    from runner.queues.base import Broker, Delivery
+    from runner.queues.base import Broker, Delivery, Source
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,6 @@ DEFAULT_SUBSCRIPTION_DEADLINE: Final = 10
 MAX_PULL: Final = 100
 _PULL_HOLD: Final = 120  # seconds: longer than any server holds an empty pull
 _BROKER: Final[dict[str, object]] = {"broker": BROKER_NAME}
-
-
-def _status(err: BaseException) -> int:
-    status = getattr(err, "status", None)
-    return int(status) if isinstance(status, int) else 0
 
 
 def queue_of(subscription_id: str) -> str:
@@ -124,7 +121,7 @@ class PubSubDelivery:
         attributes = {**self.attributes, REASON_ATTRIBUTE: reason[:1024], SOURCE_ATTRIBUTE: self.queue.name}
         await self._broker.send(topic, self.body, attributes)
         await self._acknowledge()
-        log.info("dead-lettered to %s: %s", topic, reason, extra=self.log_context)
+        log.info("dead-lettered", extra={**self.log_context, "topic": topic, "reason": reason})
 
     async def _settle(self, action: str, operation: Any) -> None:
         if self._settled:
@@ -146,7 +143,7 @@ class PubSubBroker:
         api_root: str | None = None,
         service_file: str | None = None,
         discover_interval: float = 15.0,
-        ack_deadline: float = 60.0,
+        ack_deadline: float = option_default("pubsub-ack-deadline"),
         timeout: float = 10.0,
     ) -> None:
         if not project:
@@ -176,7 +173,7 @@ class PubSubBroker:
 
         self._subscriber = SubscriberClient(service_file=self._service_file, api_root=self._api_root)
         self._publisher = PublisherClient(service_file=self._service_file, api_root=self._api_root)
-        log.info("Pub/Sub subscriptions of project %s", self.project, extra=_BROKER)
+        log.info("Pub/Sub subscriptions", extra={**_BROKER, "project": self.project})
 
     async def close(self) -> None:
         self._closed = True
@@ -229,7 +226,10 @@ class PubSubBroker:
         try:
             info: Mapping[str, Any] = await self.call(self.subscriber().get_subscription(subscription))
         except Exception as err:
-            log.warning("policy of %s not read (%s); using what discovery saw", subscription, err, extra=_BROKER)
+            log.warning(
+                "dead-letter policy not read: using what discovery saw",
+                extra={**_BROKER, "subscription": subscription, "error": str(err)},
+            )
             return self._dead_letter_topics.get(subscription, "")
         return str((info.get("deadLetterPolicy") or {}).get("deadLetterTopic") or "")
 
@@ -254,58 +254,23 @@ class PubSubBroker:
 
     # -- consuming -------------------------------------------------------------------------------------------------
 
-    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[PubSubDelivery, None]:
-        """Pull from ``queue`` only while capacity is free, at most as many messages as could start now."""
-        failures = 0
-        deadline = await self.subscription_deadline(queue.project)
-        while not self._closed:
-            await credit.wait()
-            wanted = min(MAX_PULL, credit.available())
-            if wanted <= 0:
-                continue
-            try:
-                # The server holds an empty pull until a message comes (the emulator for about 90 s). A pull given up
-                # on the client's side would stay open on the server's and swallow the next message until its ack
-                # deadline, so each pull is waited for; one that ends empty is simply asked again.
-                messages = await self.subscriber().pull(queue.project, wanted, timeout=_PULL_HOLD)
-            except TimeoutError:
-                continue
-            except Exception as err:
-                if _status(err) == 404:
-                    raise QueueGone(f"{queue}: the subscription {queue.project} was deleted") from err
-                failures += 1
-                pause = min(30.0, 2.0 ** (failures - 1))
-                log.warning("Pub/Sub pull failed, trying again in %.0fs: %s", pause, err, extra={"queue": queue.name})
-                await asyncio.sleep(pause)
-                continue
-            failures = 0
-            # Discovery re-reads every subscription's deadline, so a change reaches the messages pulled after it.
-            deadline = self._subscription_deadlines.get(queue.project, deadline)
-            deliveries = [PubSubDelivery(self, queue, message, deadline) for message in messages]
-            kept = await self._lease_on_receipt(queue, deliveries, credit.available())
-            for delivery in kept:
-                log.info("received attempt %d", delivery.attempt, extra=delivery.log_context)
-                yield delivery
+    def source(self, queue: QueueRef) -> SubscriptionSource:
+        """``queue`` as the consume loop pulls from it."""
+        return SubscriptionSource(self, queue)
 
-    async def _lease_on_receipt(
-        self, queue: QueueRef, deliveries: list[PubSubDelivery], room: int
-    ) -> list[PubSubDelivery]:
-        """Extend the lease of the deliveries there is room for, at once and in one request (the subscription's
-        own deadline may be only seconds), and hand the rest back (capacity went while the pull was held)."""
-        kept, extra = deliveries[: max(0, room)], deliveries[max(0, room) :]
-        if extra:
-            with contextlib.suppress(Exception):
-                await self.call(self.subscriber().modify_ack_deadline(queue.project, [d._ack_id for d in extra], 0))
-        if kept:
-            try:
-                ack_ids = [d._ack_id for d in kept]
-                await self.call(self.subscriber().modify_ack_deadline(queue.project, ack_ids, self.lease_seconds))
-            except Exception as err:  # they stay held for the subscription's deadline; keep_alive comes within it
-                log.warning("lease not extended on receipt: %s", err, extra={"queue": queue.name, **_BROKER})
-            else:
-                for delivery in kept:
-                    delivery.extended()
-        return kept
+    async def lease_on_receipt(self, queue: QueueRef, deliveries: list[PubSubDelivery]) -> None:
+        """Extend the lease of the pulled deliveries at once and in one request: the subscription's own deadline may
+        be only seconds."""
+        if not deliveries:
+            return
+        try:
+            ack_ids = [d._ack_id for d in deliveries]
+            await self.call(self.subscriber().modify_ack_deadline(queue.project, ack_ids, self.lease_seconds))
+        except Exception as err:  # they stay held for the subscription's deadline; keep_alive comes within it
+            log.warning("lease not extended on receipt", extra={"queue": queue.name, **_BROKER, "error": str(err)})
+        else:
+            for delivery in deliveries:
+                delivery.extended()
 
     async def extend(self, subscription: str, ack_id: str, seconds: int) -> None:
         await self.call(self.subscriber().modify_ack_deadline(subscription, [ack_id], seconds))
@@ -327,21 +292,76 @@ class PubSubBroker:
         try:
             await self.call(self.publisher().create_topic(topic))
         except Exception as err:
-            if _status(err) != 409:  # 409: it exists already
+            if http_status(err) != 409:  # 409: it exists already
                 raise
         try:
             await self.call(
                 self.subscriber().create_subscription(subscription, topic, {"ackDeadlineSeconds": CLIENT_ACK_DEADLINE})
             )
         except Exception as err:
-            if _status(err) != 409:
+            if http_status(err) != 409:
                 raise
         message_id = await self.send(topic, body, {})
         log.info("published", extra={"queue": queue, "message_id": message_id, **_BROKER})
         return message_id
 
 
+class SubscriptionSource:
+    """One subscription as the consume loop takes from it: pulls for up to ``MAX_PULL`` messages, leased on
+    receipt."""
+
+    action = "Pub/Sub pull"
+    most = MAX_PULL
+    in_flight = None
+    holds_while_waiting = False  # a pull holds nothing until it returns, and is never given up (see take)
+
+    def __init__(self, broker: PubSubBroker, queue: QueueRef) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._deadline: float | None = None  # the subscription's own ack deadline
+
+    async def take(self, most: int) -> list[PubSubDelivery] | None:
+        broker, queue = self._broker, self._queue
+        if broker._closed:
+            return None
+        if self._deadline is None:
+            self._deadline = await broker.subscription_deadline(queue.project)
+        try:
+            # The server holds an empty pull until a message comes (the emulator for about 90 s). A pull given up on
+            # the client's side would stay open on the server's and swallow the next message until its ack
+            # deadline, so each pull is waited for; one that ends empty is simply asked again.
+            messages = await broker.subscriber().pull(queue.project, most, timeout=_PULL_HOLD)
+        except TimeoutError:
+            return []
+        except Exception as err:
+            if http_status(err) == 404:
+                raise QueueGone(f"{queue}: the subscription {queue.project} was deleted") from err
+            raise
+        # Discovery re-reads every subscription's deadline, so a change reaches the messages pulled after it.
+        self._deadline = broker._subscription_deadlines.get(queue.project, self._deadline)
+        deliveries = [PubSubDelivery(broker, queue, message, self._deadline) for message in messages]
+        await broker.lease_on_receipt(queue, deliveries)
+        return deliveries
+
+    async def give_back(self, messages: list[PubSubDelivery]) -> None:
+        """Visible again at once, in one request."""
+        ack_ids = [d._ack_id for d in messages]
+        await self._broker.call(self._broker.subscriber().modify_ack_deadline(self._queue.project, ack_ids, 0))
+
+    async def hold(self, message: PubSubDelivery) -> PubSubDelivery:
+        log.info("received attempt %d", message.attempt, extra=message.log_context)
+        return message
+
+    async def pause(self) -> None:
+        """Nothing is held between pulls."""
+
+    async def close(self) -> None:
+        """Nothing is held between pulls."""
+
+
 if TYPE_CHECKING:
     # Static proof that the broker and its deliveries satisfy the protocols the service is written against.
-    def _conforms(broker: PubSubBroker, delivery: PubSubDelivery) -> tuple[Broker, Delivery]:
-        return broker, delivery
+    def _conforms(
+        broker: PubSubBroker, delivery: PubSubDelivery, source: SubscriptionSource
+    ) -> tuple[Broker, Delivery, Source[PubSubDelivery]]:
+        return broker, delivery, source

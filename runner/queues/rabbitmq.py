@@ -5,10 +5,12 @@ is a durable queue bound to it with routing key ``StudioML.<queue>``; requests a
 (``content_type`` application/json, ``app_id`` studioml). Queues are discovered through the management HTTP API:
 the bindings of ``StudioML.topic`` whose routing key starts with ``StudioML.``, filtered by the queue matcher.
 
-Taking a message (capacity-gated): one consumer per queue with ``basic.qos`` prefetch 1, active only while the
-service's Credit says an experiment of that queue could start now. A message is acknowledged on its work queue only
-after the service admitted it, and the consumer is cancelled *before* that acknowledgement when no capacity is left,
-so the broker never pushes a message this runner could not start.
+Taking a message: each work queue is a Source for the consume loop (runner/consume.py), which decides when to take.
+A take starts a consumer with ``basic.qos`` prefetch 1 and waits for the message the broker pushes; the loop pauses
+the source (the consumer is cancelled) as soon as no experiment of that queue could start, also while it waits. A
+message is acknowledged on its work queue only when the loop moves on after the service admitted it (the next take
+or the pause), and a pause cancels the consumer *before* that acknowledgement, so the broker never pushes a message
+this runner could not start.
 
 Holding a message for hours (the durable hand-off): RabbitMQ closes a channel whose delivery stays unacknowledged
 longer than ``consumer_timeout`` (30 minutes by default), which would hand a running experiment to another runner.
@@ -41,16 +43,14 @@ import email.utils
 import hashlib
 import logging
 import math
-import os
 import re
-import socket
 import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -60,16 +60,21 @@ from aiormq import exceptions as amqp
 from pamqp import commands as spec
 
 from runner.amqp_endpoint import AmqpEndpoint
-from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.config import option_default
+from runner.identity import new_runner_id
+from runner.queues.base import BrokerAway, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.rabbitmq_orphans import plan_sweep
 from runner.queues.rabbitmq_responses import RabbitResponseQueue
 from runner.queues.responses import response_queue_name
+from runner.retry import RECONNECT, REQUEST, Backoff
 
 if TYPE_CHECKING:
-    from runner.queues.base import Broker, Delivery
+    from runner.queues.base import Broker, Delivery, Source
 
 log = logging.getLogger("runner.queues.rabbitmq")
+
+T = TypeVar("T")
 
 BROKER_NAME: Final = "rabbitmq"
 EXCHANGE: Final = "StudioML.topic"
@@ -89,8 +94,6 @@ REASON_HEADER: Final = "x-studio-runner-reason"  # why a message was dead-letter
 DEAD_AT_HEADER: Final = "x-studio-runner-dead-lettered-at"
 QUORUM_COUNT_HEADER: Final = "x-delivery-count"  # returns of this very message, kept by quorum queues
 
-# Idle consumers are told this often that capacity went elsewhere (one look over all of them, not a timer each).
-_CREDIT_CHECK_INTERVAL: Final = 0.5
 _OPERATION_TIMEOUT: Final = 30.0  # any single AMQP round trip; a blocked broker must not hang a settlement forever
 _REASON_LIMIT: Final = 2000
 _PAGE_SIZE: Final = 500
@@ -253,13 +256,11 @@ class _Link:
         connection_name: str,
         connect_timeout: float,
         on_connect: Callable[[aiormq.abc.AbstractConnection], Awaitable[None]],
-        backoff_max: float = 5.0,
     ) -> None:
         self.endpoint = endpoint
         self._connection_name = connection_name
         self._connect_timeout = connect_timeout
         self._on_connect = on_connect
-        self._backoff_max = backoff_max
         self._current: aiormq.abc.AbstractConnection | None = None
         self._ready = asyncio.Event()
         self.down_since: float | None = time.monotonic()  # None while connected
@@ -278,7 +279,7 @@ class _Link:
             await asyncio.sleep(0.01)  # closed but not noticed by run() yet
 
     async def run(self) -> None:
-        failures = 0
+        backoff = Backoff(RECONNECT)
         last_reason = ""
         last_logged = 0.0
         try:
@@ -288,7 +289,7 @@ class _Link:
                 except asyncio.CancelledError:
                     raise
                 except Exception as err:
-                    failures += 1
+                    pause = backoff.failed()
                     reason = describe_connect_error(err, self.endpoint)
                     now = time.monotonic()
                     if reason != last_reason or now - last_logged >= self.REMINDER_EVERY:
@@ -296,19 +297,20 @@ class _Link:
                             "cannot connect to RabbitMQ at %s: %s; retrying every few seconds",
                             self.endpoint.shown,
                             reason,
-                            extra={"broker": BROKER_NAME, "attempts": failures},
+                            extra={"broker": BROKER_NAME, "attempts": backoff.failures},
                         )
                         last_reason, last_logged = reason, now
                     else:
-                        log.debug("still cannot connect to RabbitMQ: %s", reason, extra={"attempts": failures})
-                    await asyncio.sleep(min(self._backoff_max, 0.25 * 2 ** min(failures, 10)))
+                        log.debug("still cannot connect to RabbitMQ: %s", reason, extra={"attempts": backoff.failures})
+                    await asyncio.sleep(pause)
                     continue
                 log.info(
                     "connected to RabbitMQ at %s",
                     self.endpoint.shown,
-                    extra={"broker": BROKER_NAME, "attempts": failures + 1},
+                    extra={"broker": BROKER_NAME, "attempts": backoff.failures + 1},
                 )
-                failures, last_reason = 0, ""
+                backoff.succeeded()
+                last_reason = ""
                 self._current = conn
                 self.down_since = None
                 self._ready.set()
@@ -591,12 +593,6 @@ class RabbitDelivery:
 # --- the broker ---------------------------------------------------------------------------------------------------
 
 
-def new_runner_id() -> str:
-    """Unique per runner process, readable in the management UI: host, pid and a random part."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:60] or "host"
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 class RabbitBroker:
     """Work queues on one RabbitMQ virtual host (see the module docstring for the protocol)."""
 
@@ -608,8 +604,8 @@ class RabbitBroker:
         matcher: QueueMatcher,
         *,
         runner_id: str | None = None,
-        discover_interval: float = 10.0,
-        orphan_grace: float = 120.0,
+        discover_interval: float = option_default("amqp-discover-interval"),
+        orphan_grace: float = option_default("amqp-orphan-grace"),
         connect_timeout: float = 10.0,
         settle_wait: float = 5.0,
         http_timeout: float = 10.0,
@@ -635,7 +631,6 @@ class RabbitBroker:
         self._http: aiohttp.ClientSession | None = None
         self._api: ManagementApi | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._waiting: dict[_Consumer, Credit] = {}  # consumers waiting for a message, with their queue's credit
         self._sweep_now = asyncio.Event()
         self._log_filter = _QuietConnectionTrouble()
         self._claiming: set[str] = set()  # held queues being filled (not yet handed to the service)
@@ -662,10 +657,13 @@ class RabbitBroker:
         self._api = ManagementApi(self.endpoint, self._http)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"rabbitmq {self.endpoint.shown}")
         log.info(
-            "RabbitMQ queues at %s as runner %s",
-            self.endpoint.shown,
-            self.runner_id,
-            extra={"broker": BROKER_NAME, "management": self.endpoint.management_url},
+            "RabbitMQ queues",
+            extra={
+                "broker": BROKER_NAME,
+                "endpoint": self.endpoint.shown,
+                "runner": self.runner_id,
+                "management": self.endpoint.management_url,
+            },
         )
 
     async def close(self) -> None:
@@ -681,10 +679,8 @@ class RabbitBroker:
             held = len(self._unsettled) + len(self._deferred)
             if held:
                 log.warning(
-                    "closing with %d messages still held; other runners return them to their queues after %gs",
-                    held,
-                    self.orphan_grace,
-                    extra={"broker": BROKER_NAME},
+                    "closing with messages still held: other runners return them to their queues after the grace",
+                    extra={"broker": BROKER_NAME, "held": held, "orphan_grace": self.orphan_grace},
                 )
         finally:
             supervisor.cancel()
@@ -700,19 +696,9 @@ class RabbitBroker:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._link.run())
                 tg.create_task(self._maintain())
-                tg.create_task(self._watch_credit())
         except Exception:  # both loops handle their errors; this would be a bug, and must not pass unnoticed
             log.exception("RabbitMQ connection supervisor failed", extra={"broker": BROKER_NAME})
             raise
-
-    async def _watch_credit(self) -> None:
-        """Stop the consumers whose credit is gone, so the broker pushes their queues' messages to other runners.
-        One loop for all of them: a thousand idle queues cost one timer, not a thousand."""
-        while True:
-            await asyncio.sleep(_CREDIT_CHECK_INTERVAL)
-            for consumer, credit in list(self._waiting.items()):
-                if credit.available() <= 0:
-                    consumer.credit_gone()
 
     async def _on_connect(self, conn: aiormq.abc.AbstractConnection) -> None:
         # The broker deletes this queue when the connection ends: its absence tells other runners we are gone.
@@ -767,40 +753,11 @@ class RabbitBroker:
 
     # -- consuming -----------------------------------------------------------------------------------------------
 
-    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[RabbitDelivery, None]:
-        """Yield the requests of ``queue``, each only while ``credit`` allows; raises QueueGone.
-
-        Connection trouble never ends the generator: it waits for the link and consumes again."""
+    def source(self, queue: QueueRef) -> WorkQueueSource:
+        """``queue`` as the consume loop takes from it."""
         if self._supervisor is None:
             raise RuntimeError(f"{self!r}: open() the broker before consuming")
-        failures = 0
-        last_problem = ""
-        while True:
-            await credit.wait()
-            conn = await self._link.connection()
-            consumer = _Consumer(self, conn, queue)
-            try:
-                await consumer.start()
-                while (message := await consumer.next_message(credit)) is not None:
-                    delivery = await consumer.hand_off(message)
-                    if delivery is None:
-                        continue
-                    failures, last_problem = 0, ""
-                    yield delivery
-                    if not await consumer.admitted(credit):
-                        break
-            except QueueGone:
-                raise
-            except Exception as err:  # the broker's trouble must never end intake: wait, then consume again
-                failures += 1
-                problem = f"{type(err).__name__}: {err}"
-                if self._link.connected and not conn.is_closed and problem != last_problem:
-                    # A channel-level refusal (permissions, a queue argument the broker rejects): say it once.
-                    log.warning("cannot consume: %s", problem, extra={"queue": str(queue), "attempts": failures})
-                last_problem = problem
-                await asyncio.sleep(min(10.0, 0.25 * 2 ** min(failures, 10)))
-            finally:
-                await asyncio.shield(consumer.close())
+        return WorkQueueSource(self, queue)
 
     # -- settling ------------------------------------------------------------------------------------------------
 
@@ -812,7 +769,7 @@ class RabbitBroker:
         """Settle now, waiting up to ``settle_wait`` for the broker; past that the settlement is retried in the
         background (the held copy is safe in the broker meanwhile)."""
         deadline = time.monotonic() + self.settle_wait
-        failures = 0
+        backoff = Backoff(REQUEST)
         while True:
             remaining = deadline - time.monotonic()
             conn: aiormq.abc.AbstractConnection | None = None
@@ -823,18 +780,15 @@ class RabbitBroker:
             except Exception as err:
                 if not _connection_trouble(err, conn):
                     raise  # the service reports it; the held copy stays, and is returned after this runner exits
-                failures += 1
                 if time.monotonic() >= deadline:
                     self._deferred[delivery.held] = (delivery, settlement)
                     self._unsettled.pop(delivery.held, None)
                     log.warning(
-                        "RabbitMQ unavailable: %s deferred until it is back (%s)",
-                        settlement.action,
-                        type(err).__name__,
-                        extra=delivery.log_context,
+                        "RabbitMQ unavailable: settlement deferred until it is back",
+                        extra={**delivery.log_context, "action": settlement.action, "error": type(err).__name__},
                     )
                     return
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+                await backoff.wait(at_most=deadline - time.monotonic())
 
     async def _settle_once(
         self, conn: aiormq.abc.AbstractConnection, delivery: RabbitDelivery, settlement: _Settlement
@@ -988,7 +942,7 @@ class RabbitBroker:
             except Exception as err:  # the next sweep tries again; the same trouble is reported once
                 problem = f"{type(err).__name__}: {err}"
                 if problem != last_problem and self._link.connected:
-                    log.warning("RabbitMQ upkeep failed: %s", problem, extra={"broker": BROKER_NAME})
+                    log.warning("RabbitMQ upkeep failed", extra={"broker": BROKER_NAME, "error": problem})
                 last_problem = problem
 
     async def _retry_deferred(self) -> None:
@@ -1001,7 +955,10 @@ class RabbitBroker:
                     raise
                 self._deferred.pop(delivery.held, None)  # refused by the broker: the held copy waits for adoption
                 self._unsettled[delivery.held] = delivery
-                log.error("deferred %s failed: %s", settlement.action, err, extra=delivery.log_context)
+                log.error(
+                    "deferred settlement failed",
+                    extra={**delivery.log_context, "action": settlement.action, "error": str(err)},
+                )
 
     async def _sweep(self, conn: aiormq.abc.AbstractConnection) -> None:
         api = self._require_api()
@@ -1059,11 +1016,11 @@ class RabbitBroker:
                         mandatory=True,
                         timeout=_OPERATION_TIMEOUT,
                     )
-                    log.warning("returned a message held by runner %s (gone) to its queue", holder, extra=extra)
+                    log.warning("returned a dead runner's message to its queue", extra={**extra, "runner": holder})
                 except amqp.PublishError:
                     reason = "the queue was deleted while the message was held by a runner that died"
                     await self._dead_letter(conn, channel, copy, origin or "studio-runner.unknown", deliveries, reason)
-                    log.warning("dead-lettered a message held by runner %s (gone): queue gone", holder, extra=extra)
+                    log.warning("dead-lettered a dead runner's message: queue gone", extra={**extra, "runner": holder})
                 await channel.basic_ack(_tag_of(copy))
         async with _channel(conn) as channel:
             await channel.queue_delete(held)
@@ -1087,27 +1044,93 @@ async def _declare_delay_queue(channel: aiormq.abc.AbstractChannel, origin: str,
     return name
 
 
-class _CreditGone:
-    """Put in a consumer's inbox when its queue's credit went elsewhere while it waited."""
+class WorkQueueSource:
+    """One work queue as the consume loop takes from it: a consumer that runs while the loop takes and is cancelled
+    when it pauses. Connection trouble never ends consuming: a take waits for the link and consumes again."""
 
+    action = "RabbitMQ consume"
+    most = 1  # prefetch 1: the broker pushes one message at a time
+    in_flight = None
+    holds_while_waiting = True  # a waiting consumer holds the message the broker pushed to it
 
-_CREDIT_GONE: Final = _CreditGone()
+    def __init__(self, broker: RabbitBroker, queue: QueueRef) -> None:
+        self._broker = broker
+        self._queue = queue
+        self._consumer: _Consumer | None = None
+
+    async def take(self, most: int) -> list[aiormq.abc.DeliveredMessage] | None:
+        consumer = self._consumer
+        if consumer is None:
+            conn = await self._broker._link.connection()
+            consumer = self._consumer = _Consumer(self._broker, conn, self._queue)
+            await self._guarded(consumer, consumer.start())
+        else:
+            # The service admitted the last message (whose copy is held): acknowledge its original, so the broker
+            # pushes the next.
+            await self._guarded(consumer, consumer.ack_original())
+        message = await self._guarded(consumer, consumer.next_message())
+        if message is None:  # cancelled by the broker (usually: the queue was deleted); consuming again tells
+            await self.close()
+            return []
+        return [message]
+
+    async def give_back(self, messages: list[aiormq.abc.DeliveredMessage]) -> None:
+        if self._consumer is not None:
+            for message in messages:
+                await self._consumer.give_back(message)
+
+    async def hold(self, message: aiormq.abc.DeliveredMessage) -> RabbitDelivery | None:
+        consumer = self._consumer
+        if consumer is None:  # the loop holds only what the last take returned
+            raise RuntimeError(f"{self._queue}: no consumer holds this message")
+        return await self._guarded(consumer, consumer.hand_off(message))
+
+    async def pause(self) -> None:
+        """Cancel the consumer first (messages on their way are handed back unopened), then acknowledge the last
+        message's original and close the channel."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await consumer.stop()
+            finally:
+                await asyncio.shield(consumer.close())
+
+    async def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await asyncio.shield(consumer.close())
+
+    async def _guarded(self, consumer: _Consumer, step: Awaitable[T]) -> T:
+        """``step`` of ``consumer``; when it fails the consumer is closed (what it had not acknowledged goes back to
+        the queue with its channel) and the next take starts another. A lost connection is the link's to report."""
+        try:
+            return await step
+        except QueueGone:
+            await self.close()
+            raise
+        except Exception as err:
+            await self.close()
+            if _connection_trouble(err, consumer.conn) and (
+                not self._broker._link.connected or consumer.conn.is_closed
+            ):
+                raise BrokerAway(f"{self._queue}: disconnected from RabbitMQ") from err
+            raise
 
 
 class _Consumer:
-    """One consumer on one work queue, on a channel of its own, for as long as credit lasts."""
+    """One consumer on one work queue, on a channel of its own, from a take until the source pauses."""
 
     def __init__(self, broker: RabbitBroker, conn: aiormq.abc.AbstractConnection, queue: QueueRef) -> None:
         self._broker = broker
-        self._conn = conn
+        self.conn = conn
         self._queue = queue
         self._channel: aiormq.abc.AbstractChannel | None = None
-        self._inbox: asyncio.Queue[aiormq.abc.DeliveredMessage | _CreditGone | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[aiormq.abc.DeliveredMessage | None] = asyncio.Queue()
         self._tag: str | None = None
         self._unacked: int | None = None  # delivery tag of the message handed to the service, not yet acked
 
     async def start(self) -> None:
-        channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True, timeout=_OPERATION_TIMEOUT)
+        channel = await self.conn.channel(publisher_confirms=True, on_return_raises=True, timeout=_OPERATION_TIMEOUT)
         self._channel = channel
         await channel.basic_qos(prefetch_count=1)
         channel.on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
@@ -1123,39 +1146,27 @@ class _Consumer:
         self._tag = None
         self._inbox.put_nowait(None)
 
-    def credit_gone(self) -> None:
-        """Capacity went elsewhere while this consumer waited (told by the broker's credit watch)."""
-        self._inbox.put_nowait(_CREDIT_GONE)
-
-    async def next_message(self, credit: Credit) -> aiormq.abc.DeliveredMessage | None:
-        """The next message while credit lasts; None when the consumer stopped (credit gone, cancelled)."""
+    async def next_message(self) -> aiormq.abc.DeliveredMessage | None:
+        """The next message the broker pushes; None when the broker cancelled the consumer."""
         channel = self._require_channel()
-        while self._tag is not None:
-            self._broker._waiting[self] = credit
-            try:
-                message = await self._inbox.get()
-            finally:
-                self._broker._waiting.pop(self, None)
-            if isinstance(message, _CreditGone):
-                if credit.available() <= 0:
-                    await self._stop()
-                    return None
-                continue
-            if message is None:
-                if channel.is_closed:
-                    raise amqp.ChannelInvalidStateError(f"{self._queue}: channel closed")
-                return None
-            if credit.available() <= 0:
-                # Capacity went to another queue between our ack and this delivery: give it straight back, unopened.
-                await self._stop()
-                await channel.basic_nack(_tag_of(message), requeue=True)
-                return None
-            return message
-        return None
+        if self._tag is None:
+            return None
+        message = await self._inbox.get()
+        if message is None:
+            if channel.is_closed:
+                raise amqp.ChannelInvalidStateError(f"{self._queue}: channel closed")
+            return None
+        return message
+
+    async def give_back(self, message: aiormq.abc.DeliveredMessage) -> None:
+        """Hand ``message`` back unopened (it was pushed, but capacity went meanwhile)."""
+        channel = self._require_channel()
+        if not channel.is_closed:
+            await channel.basic_nack(_tag_of(message), requeue=True)
 
     async def hand_off(self, message: aiormq.abc.DeliveredMessage) -> RabbitDelivery | None:
         """Copy ``message`` into a held queue of its own (persistent, confirmed) and describe it as a Delivery.
-        Its original is acknowledged by ``admitted`` once the service took the delivery.
+        Its original is acknowledged once the consume loop moved on (``ack_original``).
 
         None when ``message`` is a stale copy of a request some runner already holds (a broker that crashed may
         forget the acknowledgement of an original whose copy it had already stored): it is acknowledged and
@@ -1209,29 +1220,22 @@ class _Consumer:
         )
         return delivery
 
-    async def admitted(self, credit: Credit) -> bool:
-        """The service decided about the last delivery: stop consuming first if nothing more fits, then ack the
-        original. Whether the consumer goes on."""
-        going_on = credit.available() > 0
-        if not going_on:
-            await self._stop()
-        await self._ack_original()
-        return going_on
-
-    async def _ack_original(self) -> None:
+    async def ack_original(self) -> None:
         tag, self._unacked = self._unacked, None
         if tag is not None:
             await self._require_channel().basic_ack(tag)
 
-    async def _stop(self) -> None:
+    async def stop(self) -> None:
         """Cancel the consumer; messages already on their way are handed back unopened."""
-        channel = self._require_channel()
+        channel = self._channel
+        if channel is None:
+            return
         tag, self._tag = self._tag, None
         if tag is not None and not channel.is_closed:
             await channel.basic_cancel(tag, timeout=_OPERATION_TIMEOUT)
         while not self._inbox.empty():
             message = self._inbox.get_nowait()
-            if message is not None and not isinstance(message, _CreditGone) and not channel.is_closed:
+            if message is not None and not channel.is_closed:
                 await channel.basic_nack(_tag_of(message), requeue=True)
 
     async def close(self) -> None:
@@ -1243,7 +1247,7 @@ class _Consumer:
         try:
             if self._unacked is not None and not channel.is_closed:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._ack_original(), 5)
+                    await asyncio.wait_for(self.ack_original(), 5)
         finally:
             if not channel.is_closed:
                 with contextlib.suppress(Exception):
@@ -1264,5 +1268,7 @@ def _tag_of(message: aiormq.abc.DeliveredMessage) -> int:
 
 if TYPE_CHECKING:
     # Static proof that the broker and its deliveries satisfy the protocols the service is written against.
-    def _conforms(broker: RabbitBroker, delivery: RabbitDelivery) -> tuple[Broker, Delivery]:
-        return broker, delivery
+    def _conforms(
+        broker: RabbitBroker, delivery: RabbitDelivery, source: WorkQueueSource
+    ) -> tuple[Broker, Delivery, Source[aiormq.abc.DeliveredMessage]]:
+        return broker, delivery, source

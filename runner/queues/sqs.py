@@ -7,9 +7,10 @@ filtered by ``--queue-match``/``--queue-mismatch``. A queue that is another list
 consumed. The same queue URL seen from two accounts is consumed once. An account whose listing fails keeps its last
 known queues, so a passing error does not stop consumers.
 
-Intake. A consumer receives only when capacity is free, asking for no more messages than could start now (at most
-10); receives on this broker's queues share that count so two queues do not both take the last slot. Long polls
-(``WaitTimeSeconds``) make an idle queue cost one request per 20 s.
+Intake. Each queue is a Source for the consume loop (runner/consume.py), which receives only when capacity is free,
+asking for no more messages than could start now (at most 10); receives on this broker's queues share one InFlight
+count so two queues do not both take the last slot. Long polls (``WaitTimeSeconds``) make an idle queue cost one
+request per 20 s.
 
 Leases. A message is received invisible for ``visibility`` seconds and the service calls ``keep_alive`` every third
 of that, which extends it with ``ChangeMessageVisibility``. SQS never lets a message stay invisible longer than 12 h
@@ -32,23 +33,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from runner.queues.base import Credit, QueueGone, QueueRef
+from runner.aws import error_code, new_session
+from runner.config import option_default
+from runner.queues.base import InFlight, QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.sqs_accounts import CHAIN, AccountConfig, chain_account, scan_accounts
 
 if TYPE_CHECKING:
-    from runner.queues.base import Broker, Delivery
+    from runner.queues.base import Broker, Delivery, Source
 
 log = logging.getLogger("runner.queues.sqs")
 
@@ -99,8 +101,7 @@ class _Route:
 
 
 def _code(err: BaseException) -> str:
-    response: Mapping[str, Any] = getattr(err, "response", None) or {}
-    return str((response.get("Error") or {}).get("Code") or "")
+    return error_code(err)[0]
 
 
 def parse_redrive(attributes: Mapping[str, str], queue_url: str) -> QueueInfo:
@@ -114,7 +115,7 @@ def parse_redrive(attributes: Mapping[str, str], queue_url: str) -> QueueInfo:
         arn = str(policy["deadLetterTargetArn"])
         max_receive = int(policy.get("maxReceiveCount") or 0) or None
     except (ValueError, KeyError, TypeError):
-        log.warning("ignoring an unreadable RedrivePolicy %r", text, extra={"queue": queue_url})
+        log.warning("ignoring an unreadable RedrivePolicy", extra={"queue": queue_url, "policy": text})
         return QueueInfo(fetched=time.monotonic())
     parts = arn.split(":")
     base = queue_url.rsplit("/", 2)[0]  # scheme://host of the queue URL
@@ -192,11 +193,11 @@ class SqsDelivery:
                 f"(maxReceiveCount {info.max_receive})"
             )
             await self._settle("dead_letter", lambda: self._send_to_dead_letter(reason, info.dead_letter_url or ""))
-            log.warning("dead-lettered instead of requeued: %s", reason, extra=self.log_context)
+            log.warning("dead-lettered instead of requeued", extra={**self.log_context, "reason": reason})
             return
         seconds = max(0, min(math.ceil(delay), int(remaining) - 1, int(MAX_HOLD)))
         await self._settle("requeue", lambda: self._set_visibility(seconds))
-        log.info("requeued, visible again in %ds", seconds, extra=self.log_context)
+        log.info("requeued", extra={**self.log_context, "visible_in": seconds})
 
     async def dead_letter(self, reason: str) -> None:
         info = await self._broker.queue_info(self._client(), self.url)
@@ -211,7 +212,7 @@ class SqsDelivery:
             return
         target = info.dead_letter_url
         await self._settle("dead_letter", lambda: self._send_to_dead_letter(reason, target))
-        log.warning("dead-lettered to %s: %s", target.rsplit("/", 1)[-1], reason, extra=self.log_context)
+        log.warning("dead-lettered", extra={**self.log_context, "to": target.rsplit("/", 1)[-1], "reason": reason})
 
     async def keep_alive(self) -> None:
         """Extend the lease by ``visibility`` seconds, never past SQS's 12 h ceiling; near it, set ``lease_ending``."""
@@ -307,11 +308,13 @@ class SqsDelivery:
         )
         await self._delete()
         log.info(
-            "renewed as message %s after %s held (%d earlier deliveries carried over)",
-            sent.get("MessageId"),
-            _hours(self.held_for()),
-            carried,
-            extra=self.log_context,
+            "renewed as a new message",
+            extra={
+                **self.log_context,
+                "new_message_id": sent.get("MessageId"),
+                "held": _hours(self.held_for()),
+                "carried": carried,
+            },
         )
 
     async def _send_to_dead_letter(self, reason: str, target_url: str) -> None:
@@ -352,8 +355,8 @@ class SqsBroker:
         chain_region: str = "",
         default_region: str = "",
         endpoint_url: str | None = None,
-        timeout: float = 15.0,
-        visibility: float = 120.0,
+        timeout: float = option_default("sqs-timeout"),
+        visibility: float = option_default("sqs-visibility"),
         wait: float = 20.0,
         max_hold: float = MAX_HOLD,
         renew_margin: float = 1800.0,
@@ -381,8 +384,7 @@ class SqsBroker:
         self._listings: dict[str, list[str]] = {}  # last good queue URLs per account
         self._routes: dict[str, _Route] = {}  # queue URL -> account that consumes it
         self._infos: dict[str, QueueInfo] = {}
-        self._reserved = 0  # messages asked for by receives in flight, across this broker's queues
-        self._reservations = asyncio.Event()
+        self.in_flight = InFlight()  # messages asked for by receives in flight, across this broker's queues
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -391,11 +393,11 @@ class SqsBroker:
     async def open(self) -> None:
         """Load the AWS SDK (in a worker thread: the first load reads many files) and read the accounts."""
         if self._session is None:
-            self._session = await asyncio.to_thread(_new_session)
+            self._session = await asyncio.to_thread(new_session, "sqs")
         self._closed = False
         await self._refresh_accounts()
         sources = [a.config.describe() for a in self._accounts.values()]
-        log.info("SQS queues from %s", ", ".join(sources) or "no account yet", extra=_BROKER)
+        log.info("SQS queues", extra={**_BROKER, "accounts": ", ".join(sources) or "none yet"})
 
     async def close(self) -> None:
         self._closed = True
@@ -529,11 +531,13 @@ class SqsBroker:
                 errors.append(result)
                 kept = self._listings.get(key, [])
                 log.warning(
-                    "SQS queues of %s not listed (keeping the %d known): %s",
-                    self._accounts[key].config.describe(),
-                    len(kept),
-                    result,
-                    extra=_BROKER,
+                    "SQS queues not listed: keeping the known ones",
+                    extra={
+                        **_BROKER,
+                        "account": self._accounts[key].config.describe(),
+                        "known": len(kept),
+                        "error": str(result),
+                    },
                 )
                 urls = kept
             else:
@@ -570,7 +574,7 @@ class SqsBroker:
                 try:
                     return await self.queue_info(self._accounts[route.account_key].client, url)
                 except Exception as err:  # not fatal: the queue is consumed; its policy is read again later
-                    log.debug("attributes of %s not read: %s", url, err, extra=_BROKER)
+                    log.debug("queue attributes not read", extra={**_BROKER, "queue": url, "error": str(err)})
                     return None
 
         items = list(routes.items())
@@ -588,48 +592,9 @@ class SqsBroker:
             raise QueueGone(f"{queue}: no longer listed by any SQS account")
         return route.account_key, account
 
-    async def consume(self, queue: QueueRef, credit: Credit) -> AsyncGenerator[SqsDelivery, None]:
-        """Receive from ``queue`` only while capacity is free, at most as many messages as could start now."""
-        failures = 0
-        while not self._closed:
-            await credit.wait()
-            wanted = min(MAX_RECEIVE, credit.available() - self._reserved)
-            if wanted <= 0:  # other queues' receives in flight may fill what is free: wait for them
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._reservations.wait()
-                continue
-            key, account = self._route(queue)
-            self._reserved += wanted
-            received_at = self.clock()  # before the call: the 12 h clock may start any time during it
-            failed: Exception | None = None
-            try:
-                messages = await self._receive(account, queue, wanted)
-            except QueueGone:
-                raise
-            except Exception as err:
-                failed, messages = err, []
-            finally:
-                self._reserved -= wanted
-                self._reservations.set()
-                self._reservations = asyncio.Event()
-            if failed is not None:
-                failures += 1
-                pause = min(30.0, 2.0 ** (failures - 1))
-                log.warning("SQS receive failed, trying again in %.0fs: %s", pause, failed, extra={"queue": queue.name})
-                await asyncio.sleep(pause)
-                continue
-            failures = 0
-            for index, message in enumerate(messages):
-                delivery = SqsDelivery(
-                    broker=self, account=account, account_key=key, queue=queue, message=message, received_at=received_at
-                )
-                if index > 0 and credit.available() <= 0:
-                    with contextlib.suppress(Exception):
-                        await delivery.give_back()
-                    continue
-                log.info("received attempt %d", delivery.attempt, extra=delivery.log_context)
-                yield delivery
+    def source(self, queue: QueueRef) -> QueueSource:
+        """``queue`` as the consume loop receives from it."""
+        return QueueSource(self, queue)
 
     async def _receive(self, account: _Account, queue: QueueRef, count: int) -> list[Mapping[str, Any]]:
         try:
@@ -672,26 +637,62 @@ class SqsBroker:
         return message_id
 
 
+class QueueSource:
+    """One SQS queue as the consume loop takes from it: long polls for up to ten messages, each received invisible
+    (leased) for ``visibility`` seconds."""
+
+    action = "SQS receive"
+    most = MAX_RECEIVE
+    holds_while_waiting = False  # a long poll holds nothing until it returns
+
+    def __init__(self, broker: SqsBroker, queue: QueueRef) -> None:
+        self._broker = broker
+        self._queue = queue
+        self.in_flight = broker.in_flight
+
+    async def take(self, most: int) -> list[SqsDelivery] | None:
+        broker = self._broker
+        if broker._closed:
+            return None
+        key, account = broker._route(self._queue)
+        received_at = broker.clock()  # before the call: the 12 h clock may start any time during it
+        messages = await broker._receive(account, self._queue, most)
+        return [
+            SqsDelivery(
+                broker=broker,
+                account=account,
+                account_key=key,
+                queue=self._queue,
+                message=message,
+                received_at=received_at,
+            )
+            for message in messages
+        ]
+
+    async def give_back(self, messages: list[SqsDelivery]) -> None:
+        for delivery in messages:
+            with contextlib.suppress(Exception):  # the lease lapses by itself
+                await delivery.give_back()
+
+    async def hold(self, message: SqsDelivery) -> SqsDelivery:
+        log.info("received attempt %d", message.attempt, extra=message.log_context)
+        return message
+
+    async def pause(self) -> None:
+        """Nothing is held between receives."""
+
+    async def close(self) -> None:
+        """Nothing is held between receives."""
+
+
 def _log_close_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.debug("closing a replaced SQS client failed: %s", task.exception(), extra=_BROKER)
-
-
-def _new_session() -> Any:
-    """Import the AWS SDK and make a session, in a worker thread."""
-    session_module = importlib.import_module("aiobotocore.session")
-    session = session_module.get_session()
-    loader = session.get_component("data_loader")
-    loader.load_service_model("sqs", "service-2")
-    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
-        with contextlib.suppress(Exception):
-            loader.load_data(name)
-    with contextlib.suppress(Exception):
-        loader.load_service_model("sqs", "endpoint-rule-set-1")
-    return session
+        log.debug("closing a replaced SQS client failed", extra={**_BROKER, "error": str(task.exception())})
 
 
 if TYPE_CHECKING:
     # Static proof that the SQS broker and its deliveries satisfy the protocols the service is written against.
-    def _conforms(broker: SqsBroker, delivery: SqsDelivery) -> tuple[Broker, Delivery]:
-        return broker, delivery
+    def _conforms(
+        broker: SqsBroker, delivery: SqsDelivery, source: QueueSource
+    ) -> tuple[Broker, Delivery, Source[SqsDelivery]]:
+        return broker, delivery, source

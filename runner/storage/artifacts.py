@@ -112,20 +112,25 @@ class ArtifactIO:
 
         With ``unpack`` the object is a tar (whatever its compression) extracted into ``label_dir``; without, the
         object is copied to ``label_dir/<basename of its key>``. Past ``budget`` (when given) the work stops with
-        :class:`OverBudget` and what was written is removed.
+        :class:`OverBudget` and what was written is removed. Several fetches may charge one budget at once (an
+        experiment's artifacts staged together): each charges a share of it. A cancelled fetch stops its unpacking
+        and waits for it, so nothing writes into ``label_dir`` once it has returned.
         """
         url = self.location(artifact)
         store = self._store_for(artifact, url)
         # Only immutable inputs are shared between experiments; a mutable one is this experiment's own state.
         cached = self._cache if not artifact.mutable else None
+        meter = budget.share() if budget is not None else DiskBudget.unlimited()
         with _context(artifact, url):
             if not artifact.unpack:
                 dest = label_dir / _object_name(artifact, url)
                 await asyncio.to_thread(label_dir.mkdir, parents=True, exist_ok=True)
                 info = await self._download(store, url, dest, cached, copy=True)
-                if budget is not None and info.size > budget.limit:
+                try:
+                    meter.spend_file(info.size)
+                except OverBudget:
                     await asyncio.to_thread(dest.unlink, missing_ok=True)
-                    raise OverBudget(f"the object is {format_size(info.size)}, more than {budget.what}")
+                    raise
                 return info.size
             if not looks_like_tar(_key_path(artifact, url)):
                 raise ArchiveError("unpack was requested but the key does not name a tar archive (.tar, .tar.gz, ...)")
@@ -134,7 +139,7 @@ class ArtifactIO:
             try:
                 # The cache may hand out a hard link to its own read-only copy: fine, it is only read, then dropped.
                 await self._download(store, url, tmp, cached, copy=False)
-                return await asyncio.to_thread(unpack, tmp, label_dir, budget)
+                return await run_thread_to_end(lambda: unpack(tmp, label_dir, meter), meter.stop)
             finally:
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
 

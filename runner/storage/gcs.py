@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
+from runner.http_errors import http_status
+from runner.retry import with_retries
 from runner.storage.base import AccessDenied, ObjectInfo, ObjectNotFound, StorageError, TransientStorageError
 from runner.storage.s3_checks import IntegrityError
-from runner.storage.transfer import TransferPool, with_retries
+from runner.storage.transfer import TransferPool
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +106,6 @@ def _mismatch(metadata: dict[str, Any], digests: _Digests) -> str:
     return ""
 
 
-def _status_of(err: BaseException) -> int:
-    status = getattr(err, "status", None)
-    return int(status) if isinstance(status, int) else 0
-
-
 def _is_network(err: BaseException) -> bool:
     import aiohttp
 
@@ -118,14 +115,14 @@ def _is_network(err: BaseException) -> bool:
 def _retryable(err: BaseException) -> bool:
     if isinstance(err, _Mismatch):
         return True
-    status = _status_of(err)
+    status = http_status(err)
     return status == 429 or status >= 500 or (status == 0 and _is_network(err))
 
 
 def _translate(err: BaseException, obj: _Object, action: str) -> BaseException:
     if isinstance(err, StorageError):
         return err
-    status = _status_of(err)
+    status = http_status(err)
     detail = getattr(err, "message", "") or str(err)
     if status == 404:
         return ObjectNotFound(f"{obj.url}: no such object (or no such bucket '{obj.bucket}')")

@@ -10,7 +10,8 @@ Transfers stream with bounded memory. Downloads fetch byte ranges concurrently s
 and verify the bytes against the object's ETag (the MD5 of a single-part object, or the MD5 of the part MD5s of a
 multipart one) while the ranges arrive; uploads above one part go as a multipart upload whose every part carries
 its Content-MD5 and whose final ETag is checked. Transient failures (connection errors, 5xx, throttling, a body cut
-short, bytes that do not match) are retried with backoff; every error names the object's URL.
+short, bytes that do not match) are retried with backoff (runner/retry.py), every request in one layer: the SDK's
+own retries are off, so a throttled request is sent at most ``attempts`` times. Every error names the object's URL.
 
 The ``etag`` this store reports is the server's ETag prefixed with the endpoint and bucket, so the artifact cache,
 which trusts equal etags to mean equal bytes, never hands one server's cached object to a URL on another server.
@@ -22,7 +23,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import importlib
 import io
 import itertools
 import logging
@@ -31,13 +31,16 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
+from runner.aws import error_code, new_session
 from runner.clip import clip
+from runner.config import option_default
 from runner.request import AwsCredentials
+from runner.retry import with_retries
 from runner.storage.base import (
     AccessDenied,
     ObjectInfo,
@@ -64,12 +67,13 @@ from runner.storage.s3_checks import (
     md5_of,
 )
 from runner.storage.s3_endpoints import SCHEME, Endpoint, S3Location, TlsOptions, describe_credentials, locate
-from runner.storage.transfer import TransferPool, leaf_errors, with_retries
+from runner.storage.transfer import TransferPool, leaf_errors
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MIB: Final = 1 << 20
-DEFAULT_PART_SIZE: Final = 8 * MIB
 MIN_PART_SIZE: Final = 5 * MIB  # S3's smallest part other than the last
 MAX_PARTS: Final = 10_000
 # Object metadata this store writes on multipart uploads, so a download knows the part layout the ETag covers.
@@ -141,14 +145,6 @@ def _credential_key(credentials: AwsCredentials | None) -> tuple[str, str, str] 
 # Errors
 
 
-def _error_code(err: BaseException) -> tuple[str, int, str]:
-    response: Mapping[str, Any] = getattr(err, "response", None) or {}
-    error = response.get("Error") or {}
-    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-    code = str(error.get("Code") or status or "")
-    return code, status, str(error.get("Message") or "")
-
-
 def _is_network(err: BaseException) -> bool:
     import aiohttp
     from botocore import exceptions as bx
@@ -172,7 +168,7 @@ def _retryable(err: BaseException) -> bool:
     if isinstance(err, _Short | Mismatch):
         return True
     if isinstance(err, ClientError):
-        code, status, _ = _error_code(err)
+        code, status, _ = error_code(err)
         return code in _TRANSIENT_CODES or status >= 500 or status == 429
     return _is_network(err)
 
@@ -187,7 +183,7 @@ def _translate(err: BaseException, loc: S3Location, action: str, credentials: Aw
     if isinstance(err, bx.ParamValidationError):  # refused by botocore before sending: an invalid bucket name, ...
         return UnusableObject(f"{where}: {action} impossible: {clip(str(err).replace(chr(10), ' '))}")
     if isinstance(err, bx.ClientError):
-        code, status, message = _error_code(err)
+        code, status, message = error_code(err)
         detail = f"{code}: {message}" if message and message != code else code
         if code == "NoSuchBucket":
             return ObjectNotFound(f"{where}: there is no bucket '{loc.bucket}' at {loc.endpoint}")
@@ -332,9 +328,8 @@ class S3Store:
         pool: TransferPool | None = None,
         default_region: str = "",
         tls: TlsOptions | None = None,
-        part_size: int = DEFAULT_PART_SIZE,
+        part_size: int = option_default("s3-part-size"),
         attempts: int = 4,
-        sdk_attempts: int = 3,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         max_clients: int = 32,
@@ -348,8 +343,7 @@ class S3Store:
         # Parts of one upload sent at once (s3transfer sends 10): more rarely helps one upload, and the pool's
         # slots are left to the other transfers.
         self.parts_in_flight = min(8, self.pool.max_requests)
-        self.attempts = max(1, attempts)  # our tries of a range, a part, a whole download
-        self.sdk_attempts = max(1, sdk_attempts)  # the SDK's tries of each request (connection errors, 5xx, 503)
+        self.attempts = max(1, attempts)  # tries of each request (the SDK tries once)
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_clients = max_clients
@@ -432,14 +426,18 @@ class S3Store:
     async def read_bytes(self, loc: S3Location, credentials: AwsCredentials | None, limit: int) -> bytes | None:
         """A small object's bytes, or None when it does not exist; StorageError when larger than ``limit``."""
         try:
-            async with self._calling(loc, credentials, "read") as client, self.pool.request():
-                response = await client.get_object(Bucket=loc.bucket, Key=loc.key)
-                body = response["Body"]
-                async with body:
-                    if int(response.get("ContentLength") or 0) > limit:
-                        raise StorageError(f"{loc.url}: larger than the {limit} bytes expected")
-                    data: bytes = await body.read()
-                    return data
+            async with self._calling(loc, credentials, "read") as client:
+
+                async def once() -> bytes:
+                    response = await client.get_object(Bucket=loc.bucket, Key=loc.key)
+                    body = response["Body"]
+                    async with body:
+                        if int(response.get("ContentLength") or 0) > limit:
+                            raise StorageError(f"{loc.url}: larger than the {limit} bytes expected")
+                        data: bytes = await body.read()
+                        return data
+
+                return await self._request(once, f"read of {loc.url}")
         except ObjectNotFound:
             return None
 
@@ -447,26 +445,30 @@ class S3Store:
         self, loc: S3Location, credentials: AwsCredentials | None, data: bytes, content_type: str
     ) -> None:
         md5 = hashlib.md5(data, usedforsecurity=False)
-        async with self._calling(loc, credentials, "write") as client, self.pool.request():
-            response = await client.put_object(
-                Bucket=loc.bucket,
-                Key=loc.key,
-                Body=data,
-                ContentType=content_type,
-                ContentMD5=base64.b64encode(md5.digest()).decode(),
-            )
-            check_put_etag(response, md5.hexdigest(), loc.url)
+        async with self._calling(loc, credentials, "write") as client:
+
+            async def once() -> None:
+                response = await client.put_object(
+                    Bucket=loc.bucket,
+                    Key=loc.key,
+                    Body=data,
+                    ContentType=content_type,
+                    ContentMD5=base64.b64encode(md5.digest()).decode(),
+                )
+                check_put_etag(response, md5.hexdigest(), loc.url)
+
+            await self._request(once, f"write of {loc.url}")
 
     async def ensure_bucket(self, loc: S3Location, credentials: AwsCredentials | None) -> None:
         """Create ``loc``'s bucket when it does not exist (what the StudioML client does before its first upload)."""
         from botocore.exceptions import ClientError
 
-        async with self._calling(loc, credentials, "create bucket") as client, self.pool.request():
+        async with self._calling(loc, credentials, "create bucket") as client:
             try:
-                await client.head_bucket(Bucket=loc.bucket)
+                await self._request(lambda: client.head_bucket(Bucket=loc.bucket), f"look for bucket {loc.bucket}")
                 return
             except ClientError as err:
-                code, status, _ = _error_code(err)
+                code, status, _ = error_code(err)
                 if status != 404 and code not in ("404", "NoSuchBucket", "NotFound"):
                     raise
             region = loc.endpoint.region
@@ -474,9 +476,11 @@ class S3Store:
                 {} if region in ("us-east-1", "auto") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
             )
             try:
-                await client.create_bucket(Bucket=loc.bucket, **where)
+                await self._request(
+                    lambda: client.create_bucket(Bucket=loc.bucket, **where), f"creation of bucket {loc.bucket}"
+                )
             except ClientError as err:
-                if _error_code(err)[0] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                if error_code(err)[0] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
     # -- downloads -------------------------------------------------------------------------------------------------
@@ -484,21 +488,23 @@ class S3Store:
     async def _head(self, client: Any, loc: S3Location) -> Mapping[str, Any]:
         from botocore.exceptions import ClientError
 
-        async with self.pool.request():
+        try:
+            head: Mapping[str, Any] = await self._request(
+                lambda: client.head_object(Bucket=loc.bucket, Key=loc.key), f"stat of {loc.url}"
+            )
+            return head
+        except ClientError as err:
+            code, status, _ = error_code(err)
+            if status not in (400, 403) or code not in ("400", "403", "Forbidden", "BadRequest"):
+                raise
+            # A refused HEAD has no body to say why; a one-byte GET does (InvalidAccessKeyId, ...).
             try:
-                head: Mapping[str, Any] = await client.head_object(Bucket=loc.bucket, Key=loc.key)
-                return head
-            except ClientError as err:
-                code, status, _ = _error_code(err)
-                if status not in (400, 403) or code not in ("400", "403", "Forbidden", "BadRequest"):
-                    raise
-                # A refused HEAD has no body to say why; a one-byte GET does (InvalidAccessKeyId, ...).
-                try:
+                async with self.pool.request():
                     response = await client.get_object(Bucket=loc.bucket, Key=loc.key, Range="bytes=0-0")
                     response["Body"].close()
-                except ClientError as reason:
-                    raise reason from None
-                raise
+            except ClientError as reason:
+                raise reason from None
+            raise
 
     async def _download(self, client: Any, loc: S3Location, url: str, dest: Path) -> ObjectInfo:
         head = await self._head(client, loc)
@@ -550,7 +556,7 @@ class S3Store:
                         Bucket=loc.bucket, Key=loc.key, Range=f"bytes={start}-{end - 1}", IfMatch=raw_etag
                     )
                 except Exception as err:
-                    code, status, _ = _error_code(err)
+                    code, status, _ = error_code(err)
                     if status == 412 or code == "PreconditionFailed":
                         raise _Changed() from None
                     raise
@@ -664,19 +670,23 @@ class S3Store:
         metadata = {PART_SIZE_METADATA: str(part_size)}
         if loc.endpoint not in self._no_checksums:
             try:
-                async with self.pool.request():
-                    created = await client.create_multipart_upload(
+                created = await self._request(
+                    lambda: client.create_multipart_upload(
                         Bucket=loc.bucket, Key=loc.key, Metadata=metadata, ChecksumAlgorithm="CRC32"
-                    )
+                    ),
+                    f"start of the upload of {loc.url}",
+                )
                 return created, True
             except ClientError as err:
-                code, status, _ = _error_code(err)
+                code, status, _ = error_code(err)
                 if status not in (400, 501) or code not in _CHECKSUMS_REFUSED:
                     raise
                 log.info("%s takes no CRC32 part checksums (%s): Content-MD5 only", loc.endpoint, code)
                 self._no_checksums.add(loc.endpoint)
-        async with self.pool.request():
-            created = await client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key, Metadata=metadata)
+        created = await self._request(
+            lambda: client.create_multipart_upload(Bucket=loc.bucket, Key=loc.key, Metadata=metadata),
+            f"start of the upload of {loc.url}",
+        )
         return created, False
 
     async def _put_multipart(self, client: Any, loc: S3Location, source: GrowingFile) -> None:
@@ -731,13 +741,13 @@ class S3Store:
                 for _ in range(self.parts_in_flight):
                     tg.create_task(send_parts())
             count = len(etags)
-            async with self.pool.request():
-                done = await client.complete_multipart_upload(
-                    Bucket=loc.bucket,
-                    Key=loc.key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": etags[i]} for i in range(count)]},
-                )
+            parts = [{"PartNumber": i + 1, "ETag": etags[i]} for i in range(count)]
+            done = await self._request(
+                lambda: client.complete_multipart_upload(
+                    Bucket=loc.bucket, Key=loc.key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+                f"completion of the upload of {loc.url}",
+            )
         except BaseException as err:
             await asyncio.shield(self._abort(client, loc, upload_id))
             if isinstance(err, BaseExceptionGroup):
@@ -754,10 +764,21 @@ class S3Store:
 
     async def _abort(self, client: Any, loc: S3Location, upload_id: str) -> None:
         try:
-            async with self.pool.request():
-                await client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id)
+            await self._request(
+                lambda: client.abort_multipart_upload(Bucket=loc.bucket, Key=loc.key, UploadId=upload_id),
+                f"abort of the upload of {loc.url}",
+            )
         except Exception as err:  # the bucket's lifecycle rule for incomplete uploads is the backstop
             log.warning("could not abort the multipart upload of %s: %s", loc.url, err)
+
+    async def _request(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """One S3 request, holding a transfer slot while it is in flight, tried up to ``attempts`` times."""
+
+        async def once() -> T:
+            async with self.pool.request():
+                return await call()
+
+        return await with_retries(once, retryable=_retryable, attempts=self.attempts, what=what)
 
     # -- clients ---------------------------------------------------------------------------------------------------
 
@@ -796,7 +817,7 @@ class S3Store:
             if entry is not None:
                 return entry
             if self._session is None:
-                self._session = await asyncio.to_thread(_new_session)
+                self._session = await asyncio.to_thread(new_session, "s3", "sqs")
             entry = await self._create_client(endpoint, credentials)
             self._clients[key] = entry
             await self._evict_idle()
@@ -811,7 +832,7 @@ class S3Store:
             # Bodies are not hashed for the signature (which would read every part once more, on the event loop,
             # for plain-http endpoints): the signed Content-MD5 header protects them, and S3 checks it.
             s3={"addressing_style": "path" if endpoint.path_style else "auto", "payload_signing_enabled": False},
-            retries={"mode": "standard", "max_attempts": self.sdk_attempts},
+            retries={"mode": "standard", "max_attempts": 1},  # one layer of retries: ours (runner/retry.py)
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
             max_pool_connections=self.pool.max_requests,
@@ -854,21 +875,6 @@ class S3Store:
                 del self._clients[key]
                 with contextlib.suppress(Exception):
                     await entry.stack.aclose()
-
-
-def _new_session() -> Any:
-    """Import the AWS SDK and make a session, in a worker thread: both read many files the first time."""
-    session_module = importlib.import_module("aiobotocore.session")
-    session = session_module.get_session()
-    loader = session.get_component("data_loader")
-    for service in ("s3", "sqs"):
-        loader.load_service_model(service, "service-2")
-        with contextlib.suppress(Exception):
-            loader.load_service_model(service, "endpoint-rule-set-1")
-    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
-        with contextlib.suppress(Exception):
-            loader.load_data(name)
-    return session
 
 
 class BoundS3Store:

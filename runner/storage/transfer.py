@@ -1,5 +1,5 @@
-"""The transfer pool: one bound on object-store requests in flight, shared by every experiment on the runner, and
-the retry-with-backoff rule that transfers use.
+"""The transfer pool: one bound on object-store requests in flight, shared by every experiment on the runner.
+Transfers retry each request with runner/retry.py's ``with_retries`` (one layer: the SDKs' own retries are off).
 
 A large download is many ranged requests and a large upload many parts; without a shared bound, ten experiments
 staging at once would open hundreds of connections. Requests stream their bodies (downloads straight to disk,
@@ -11,21 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
+
+from runner.config import option_default
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-DEFAULT_MAX_REQUESTS = 16
 
 
 class TransferPool:
     """At most ``max_requests`` object-store requests in flight, runner-wide."""
 
-    def __init__(self, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
+    def __init__(self, max_requests: int = option_default("transfer-concurrency")) -> None:
         if max_requests < 1:
             raise ValueError(f"max_requests must be at least 1, got {max_requests}")
         self.max_requests = max_requests
@@ -36,29 +32,6 @@ class TransferPool:
         """Hold one request slot for the duration of the block."""
         async with self._requests:
             yield
-
-
-async def with_retries(
-    operation: Callable[[], Awaitable[T]],
-    *,
-    retryable: Callable[[BaseException], bool],
-    attempts: int = 4,
-    base_delay: float = 0.25,
-    max_delay: float = 10.0,
-    what: str = "transfer",
-) -> T:
-    """Run ``operation``; when it raises something ``retryable``, wait (exponential backoff, full jitter) and try
-    again, at most ``attempts`` times in all. The last error is raised as it is."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return await operation()
-        except Exception as err:
-            if attempt >= attempts or not retryable(err):
-                raise
-            delay = random.uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1)))
-            log.info("%s failed (attempt %d of %d), trying again in %.2fs: %s", what, attempt, attempts, delay, err)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

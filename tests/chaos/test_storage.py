@@ -127,12 +127,14 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 @pytest.mark.chaos
 def test_a_working_dir_that_fills_up(scenario: Scenario, size: Size, report: Callable[[Row], None]) -> None:
-    """Two experiments whose outputs fit on the volume only once each: their uploads must not need a second copy."""
+    """Two experiments at once whose outputs fit on the volume only once each: their uploads must not need a second
+    copy. The volume holds the runner's upload reserve of each (96 MiB, runner/execution/diskreserve.py) and their
+    outputs, not a second copy of the outputs."""
     scenario.name = "full working-dir disk (tmpfs)"
-    with small_tmpfs(scenario.sandbox.root / "small-disk", "48m") as disk:
+    with small_tmpfs(scenario.sandbox.root / "small-disk", "320m") as disk:
         slot = scenario.slot("a")
         slot.work = disk / "work"
-        scenario.submit(size.pick(2, 8), steps=2, step_seconds=0.25, fill=18 << 20)
+        scenario.submit(size.pick(2, 8), steps=2, step_seconds=0.25, fill=40 << 20)
         scenario.faults += 1  # the volume too small for a second copy of the outputs
         scenario.start("a")
         scenario.check(report)

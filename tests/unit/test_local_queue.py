@@ -17,6 +17,7 @@ from pathlib import Path
 import filelock
 import pytest
 
+from runner.consume import consume
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.local import CLIENT_LOCK_NAME, LocalBroker, LocalDelivery, queue_depth
 from runner.queues.matcher import QueueMatcher
@@ -61,7 +62,7 @@ def ref(root: Path, name: str = QUEUE) -> QueueRef:
 
 
 async def take(broker: LocalBroker, queue: str = QUEUE, within: float = 2.0) -> LocalDelivery:
-    consumer = broker.consume(ref(broker.root, queue), Gate())
+    consumer = consume(broker.source(ref(broker.root, queue)), Gate())
     try:
         return await asyncio.wait_for(anext(consumer), within)
     finally:
@@ -165,7 +166,7 @@ async def test_messages_are_taken_oldest_first_by_mtime(broker: LocalBroker) -> 
 async def test_nothing_is_claimed_while_capacity_is_closed(broker: LocalBroker) -> None:
     message_id = await broker.publish(QUEUE, b"{}")
     gate = Gate(is_open=False)
-    consumer = broker.consume(ref(broker.root), gate)
+    consumer = consume(broker.source(ref(broker.root)), gate)
     pending = asyncio.ensure_future(anext(consumer))
 
     await asyncio.sleep(POLL * 20)
@@ -181,7 +182,7 @@ async def test_nothing_is_claimed_while_capacity_is_closed(broker: LocalBroker) 
 
 async def test_a_new_file_in_an_idle_queue_is_claimed_within_a_few_polls(broker: LocalBroker) -> None:
     (broker.root / QUEUE).mkdir()
-    consumer = broker.consume(ref(broker.root), Gate())
+    consumer = consume(broker.source(ref(broker.root)), Gate())
     pending = asyncio.ensure_future(anext(consumer))
     await asyncio.sleep(POLL * 10)
 
@@ -201,7 +202,7 @@ async def test_a_file_the_client_is_still_writing_is_taken_only_whole_after_its_
     queue_dir.mkdir()
     body = json.dumps({"experiment": {"key": "k" * 4000}}).encode()
     name = str(uuid.uuid4())
-    consumer = broker.consume(ref(broker.root), Gate())
+    consumer = consume(broker.source(ref(broker.root)), Gate())
     pending = asyncio.ensure_future(anext(consumer))
 
     client_lock = filelock.SoftFileLock(queue_dir / CLIENT_LOCK_NAME, timeout=5)
@@ -251,7 +252,7 @@ async def test_two_runners_racing_for_fifty_messages_take_each_exactly_once(brok
     all_taken = asyncio.Event()
 
     async def drain(runner: LocalBroker) -> None:
-        async for delivery in runner.consume(ref(runner.root), Gate()):
+        async for delivery in consume(runner.source(ref(runner.root)), Gate()):
             taken[runner.runner_id].append(delivery.message_id)
             await delivery.ack()
             if sum(map(len, taken.values())) >= 50:
@@ -273,7 +274,7 @@ async def test_two_runners_racing_for_fifty_messages_take_each_exactly_once(brok
 
 async def test_consume_raises_queue_gone_when_the_directory_is_removed(broker: LocalBroker) -> None:
     (broker.root / QUEUE).mkdir()
-    consumer = broker.consume(ref(broker.root), Gate())
+    consumer = consume(broker.source(ref(broker.root)), Gate())
     pending = asyncio.ensure_future(anext(consumer))
     await asyncio.sleep(POLL * 4)
 
@@ -287,7 +288,7 @@ async def test_consume_raises_queue_gone_when_the_directory_is_removed(broker: L
 
 async def test_a_consumer_cancelled_while_claiming_leaves_the_message_in_its_queue(broker: LocalBroker) -> None:
     message_id = await broker.publish(QUEUE, b"{}")
-    consumer = broker.consume(ref(broker.root), Gate())
+    consumer = consume(broker.source(ref(broker.root)), Gate())
     pending = asyncio.ensure_future(anext(consumer))
     await asyncio.sleep(0)  # the claim is now running in a worker thread
     pending.cancel()
@@ -324,7 +325,7 @@ async def test_requeue_counts_the_next_attempt_and_holds_the_message_back_for_th
     await first.requeue(delay=0.3)
     assert message_files(broker.root, message_id) == [Path(QUEUE, f"{message_id}.attempt-2")]
 
-    consumer = broker.consume(ref(broker.root), Gate())
+    consumer = consume(broker.source(ref(broker.root)), Gate())
     pending = asyncio.ensure_future(anext(consumer))
     await asyncio.sleep(0.15)
     assert not pending.done()
@@ -381,6 +382,7 @@ async def test_a_message_settled_once_cannot_be_settled_again(broker: LocalBroke
 CLAIM_THEN_HANG = """
 import asyncio, sys
 from pathlib import Path
+from runner.consume import consume
 from runner.queues.base import QueueRef
 from runner.queues.local import LocalBroker
 from runner.queues.matcher import QueueMatcher
@@ -393,7 +395,7 @@ async def main():
     root = Path(sys.argv[1])
     broker = LocalBroker(root, QueueMatcher.from_strings(), rescan_interval=0.005, runner_id="doomed")
     await broker.open()
-    async for delivery in broker.consume(QueueRef("local", sys.argv[2], str(root)), Always()):
+    async for delivery in consume(broker.source(QueueRef("local", sys.argv[2], str(root))), Always()):
         print(delivery.message_id, flush=True)
         await asyncio.sleep(3600)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.consume import consume
 from runner.queues import local, local_changes
 from runner.queues.base import QueueRef
 from runner.queues.inotify import IN_MOVED_TO, Event, parse
@@ -60,7 +61,7 @@ async def test_a_large_backlog_is_claimed_oldest_first_listing_the_directory_onc
     names = fill(root / "local_big", 3 * window + 7, first_mtime=time.time() - 3600)
     listings = count_listings(monkeypatch)
     async with LocalBroker(root, MATCHER, runner_id="r1") as broker:
-        consumer = broker.consume(QueueRef("local", "local_big", str(root)), Gate())
+        consumer = consume(broker.source(QueueRef("local", "local_big", str(root))), Gate())
         taken = []
         for _ in names:
             delivery = await asyncio.wait_for(anext(consumer), 10)
@@ -75,7 +76,7 @@ async def test_a_new_message_goes_before_a_window_of_delayed_ones(tmp_path: Path
     root = tmp_path / "queue"
     fill(root / "local_delayed", local._Backlog.WINDOW + 10, first_mtime=time.time() + 3600)  # all not before 1 h
     async with LocalBroker(root, MATCHER, runner_id="r1") as broker:
-        consumer = broker.consume(QueueRef("local", "local_delayed", str(root)), Gate())
+        consumer = consume(broker.source(QueueRef("local", "local_delayed", str(root))), Gate())
         claim = asyncio.ensure_future(anext(consumer))
         await asyncio.sleep(0.1)
         assert not claim.done()  # nothing is due
@@ -102,7 +103,7 @@ async def test_idle_queues_claim_nothing_until_a_message_arrives(
 
     monkeypatch.setattr(LocalBroker, "_claim_sync", counted)
     async with LocalBroker(root, MATCHER, runner_id="r1") as broker:
-        consumers = [broker.consume(ref, Gate()) for ref in await broker.discover()]
+        consumers = [consume(broker.source(ref), Gate()) for ref in await broker.discover()]
         waiting = [asyncio.ensure_future(anext(c)) for c in consumers]
         await wait_for(lambda: claims == 50)  # one look each at the start...
         await asyncio.sleep(0.3)
@@ -129,7 +130,7 @@ async def test_without_inotify_messages_are_found_by_rescanning(
     root = tmp_path / "queue"
     (root / "local_nfs").mkdir(parents=True)
     async with LocalBroker(root, MATCHER, rescan_interval=0.05, runner_id="r1") as broker:
-        consumer = broker.consume(QueueRef("local", "local_nfs", str(root)), Gate())
+        consumer = consume(broker.source(QueueRef("local", "local_nfs", str(root))), Gate())
         claim = asyncio.ensure_future(anext(consumer))
         await asyncio.sleep(0.1)
         (root / "local_nfs" / "written-elsewhere").write_bytes(b'{"experiment": {"key": "k"}}')

@@ -98,7 +98,7 @@ async def test_a_certificate_from_an_untrusted_authority_is_refused_with_a_hint(
     tls_moto: tuple[Moto, Path, Path], tmp_path: Path
 ) -> None:
     server, _, other_ca = tls_moto
-    store = S3Store(tls=TlsOptions(ca_file=other_ca), attempts=1, sdk_attempts=1)
+    store = S3Store(tls=TlsOptions(ca_file=other_ca), attempts=1)
     try:
         url = f"s3://{server.host}/any-bucket/ws.tar"
         with pytest.raises(StorageError, match=r"TLS with https://127\.0\.0\.1:\d+ failed.*--s3-ca") as caught:

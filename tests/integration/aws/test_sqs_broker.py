@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from runner.consume import consume
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.sqs import (
@@ -64,7 +65,7 @@ async def with_dead_letter_queue(sqs: Any, name: str, max_receive: int = 5, **at
 
 
 async def receive_one(broker: SqsBroker, queue: QueueRef, timeout: float = 10) -> SqsDelivery:
-    consumer = broker.consume(queue, Slots(1))
+    consumer = consume(broker.source(queue), Slots(1))
     try:
         async with asyncio.timeout(timeout):
             return await anext(consumer)
@@ -164,7 +165,7 @@ async def test_messages_are_received_only_while_capacity_is_free_and_never_more_
     two_taken = asyncio.Event()
 
     async def take() -> None:
-        async for delivery in broker.consume(queue, slots):
+        async for delivery in consume(broker.source(queue), slots):
             taken.append(delivery)
             slots.set(slots.free - 1)  # what the service's admission does
             if len(taken) == 2:
@@ -385,7 +386,7 @@ async def test_failing_receives_back_off_and_the_message_is_delivered_once_sqs_a
         async with broker:
             queue = ref(await broker.discover(), f"{prefix}_unsteady")
             proxy.unavailable = True
-            consumer = broker.consume(queue, Slots(1))
+            consumer = consume(broker.source(queue), Slots(1))
             try:
                 receiving = asyncio.ensure_future(anext(consumer))
                 for _ in range(300):

@@ -25,7 +25,7 @@ def request(key: str, database: dict[str, Any]) -> Any:
 
 @pytest.fixture
 async def records() -> AsyncIterator[StatusRecords]:
-    store = S3Store(attempts=1, sdk_attempts=1)
+    store = S3Store(attempts=1)
     try:
         yield StatusRecords(store, timeout=5)
     finally:

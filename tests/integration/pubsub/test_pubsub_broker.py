@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from runner.consume import consume
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
 from runner.queues.pubsub import REASON_ATTRIBUTE, PubSubBroker, PubSubDelivery
@@ -41,7 +42,7 @@ async def broker(pubsub: PubSubEmulator, project: str, prefix: str) -> AsyncIter
 
 
 async def receive_one(broker: PubSubBroker, queue: QueueRef, timeout: float = 10) -> PubSubDelivery:
-    consumer = broker.consume(queue, Slots(1))
+    consumer = consume(broker.source(queue), Slots(1))
     try:
         async with asyncio.timeout(timeout):
             return await anext(consumer)
@@ -131,7 +132,7 @@ async def test_a_consumer_never_pulls_more_messages_than_its_credit_allows(
     arrived = asyncio.Event()
 
     async def take() -> None:
-        async for delivery in broker.consume(queue, slots):
+        async for delivery in consume(broker.source(queue), slots):
             taken.append(delivery)
             slots.set(slots.free - 1)  # what the service's admission does
             arrived.set()
@@ -168,7 +169,7 @@ async def test_a_message_published_while_the_consumer_waits_on_an_empty_subscrip
     pubsub.queue(project, f"{prefix}_idle", ack_deadline=10)
     async with broker_for(pubsub, project, prefix) as broker:
         queue = await ref(broker, f"{prefix}_idle")
-        consumer = broker.consume(queue, Slots(1))
+        consumer = consume(broker.source(queue), Slots(1))
         receiving = asyncio.ensure_future(anext(consumer))
         try:
             await asyncio.sleep(2.5)  # the consumer's pull is held by the server, waiting

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from runner.amqp_endpoint import AmqpEndpoint
+from runner.consume import consume
 from runner.intake import Intake
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.matcher import QueueMatcher
@@ -55,7 +56,7 @@ class Taker:
         self.intake = intake
         self.deliveries: list[RabbitDelivery] = []
         self.allocations: dict[int, Any] = {}
-        self._stream = broker.consume(queue, intake.credit(queue))
+        self._stream = consume(broker.source(queue), intake.credit(queue))
 
     async def take(self, timeout: float = 10.0) -> RabbitDelivery:
         delivery = await asyncio.wait_for(anext(self._stream), timeout)
