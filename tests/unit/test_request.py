@@ -216,13 +216,14 @@ def test_hostile_messages_are_refused_with_a_reason(name: str) -> None:
 
 
 def parse_time(body: bytes) -> float:
-    """Seconds to refuse ``body``: the median of 5 parses, so a busy machine's scheduling hiccup does not count."""
+    """CPU seconds this thread spends refusing ``body``: the median of 5 parses. CPU time, not wall time, so that a
+    busy machine (other processes, a parallel test worker) does not count; a quadratic parse still shows."""
     times = []
     for _ in range(5):
-        started = time.perf_counter()
+        started = time.thread_time()
         with pytest.raises(RequestError):
             parse_request(body, max_bytes=256 * 1024)
-        times.append(time.perf_counter() - started)
+        times.append(time.thread_time() - started)
     return statistics.median(times)
 
 
@@ -252,7 +253,7 @@ def test_the_worst_parse_time_at_the_size_limit_is_milliseconds() -> None:
     times = {name: parse_time(body) for name, body in bodies.items()}
     worst = max(times, key=times.__getitem__)
     print(f"\nworst parse time of a 256 KiB body: {times[worst] * 1000:.2f} ms ({worst})")
-    assert times[worst] < 0.5
+    assert times[worst] < 1.0  # about 8 ms of CPU here; generous for a slow machine
 
 
 @pytest.mark.parametrize("text", ["²", "١", "1²", "٣", " 1 2 ", "0x10", "1" * 21])

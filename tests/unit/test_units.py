@@ -93,19 +93,19 @@ def test_any_float_renders_as_a_duration_without_raising(seconds: float, shown: 
     ],
 )
 def test_a_long_or_hostile_size_is_refused_at_once(text: str) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(ValueError) as refused:
         parse_size(text)
-    assert time.perf_counter() - started < 0.5  # milliseconds in fact; generous for a loaded machine
+    assert time.thread_time() - started < 0.5  # milliseconds in fact; generous for a loaded machine
     assert len(str(refused.value)) < 200  # the value is clipped in the message
 
 
 @pytest.mark.parametrize("text", ["1" * 100_000 + "h", "1h" * 50_000, "9" * 60 + "h", "1" * 40 + "d", "." * 100_000])
 def test_a_long_or_overflowing_duration_is_refused_at_once(text: str) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(ValueError) as refused:
         parse_duration(text)
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
     assert len(str(refused.value)) < 200
 
 
