@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,8 +10,9 @@ from typing import Any
 def new_session(*services: str) -> Any:
     """Import the AWS SDK and make a session with the models of ``services`` loaded. Call it in a worker thread: the
     first load reads many files."""
-    session_module = importlib.import_module("aiobotocore.session")
-    session = session_module.get_session()
+    from aiobotocore.session import get_session  # here: the SDK costs a second of imports, paid in the thread
+
+    session = get_session()
     loader = session.get_component("data_loader")
     for service in services:
         loader.load_service_model(service, "service-2")

@@ -25,7 +25,6 @@ models costs a few seconds of CPU, spent in a thread so the event loop keeps ser
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import re
@@ -144,13 +143,18 @@ class _NoCluster(Exception):
     """The cluster's address or credentials could not be loaded."""
 
 
+def _import_client() -> tuple[Any, Any]:
+    """kubernetes-asyncio's client and config modules: imported only once a cluster is to be watched, in a worker
+    thread (the import costs seconds of CPU)."""
+    from kubernetes_asyncio import client, config
+
+    return client, config
+
+
 @asynccontextmanager
 async def _connect(settings: Settings, environ: Mapping[str, str]) -> AsyncIterator[tuple[Any, str]]:
     """A CoreV1Api of kubernetes-asyncio and the namespace to watch."""
-    client, config = await asyncio.gather(
-        asyncio.to_thread(importlib.import_module, "kubernetes_asyncio.client"),
-        asyncio.to_thread(importlib.import_module, "kubernetes_asyncio.config"),
-    )
+    client, config = await asyncio.to_thread(_import_client)
     configuration = client.Configuration()
     namespace = settings.k8s_namespace
     try:

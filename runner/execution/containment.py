@@ -40,6 +40,7 @@ from types import TracebackType
 
 from runner.execution import proctable
 from runner.execution.prctl import Prctl
+from runner.flocks import held_if_free
 
 log = logging.getLogger("runner.containment")
 
@@ -117,15 +118,8 @@ def _if_abandoned(directory: Path, now: float) -> Iterator[bool]:
     except OSError:
         yield False  # not ours to judge (permissions): leave it
         return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
+    with held_if_free(fd) as free:
+        yield free
 
 
 class _ExperimentGuard:

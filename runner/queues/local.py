@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import filelock
 
 from runner.config import option_default
+from runner.flocks import held_if_free
 from runner.identity import new_runner_id
 from runner.queues.base import QueueGone, QueueRef
 from runner.queues.local_changes import DirectoryChanges, DirectoryWatch
@@ -281,15 +282,8 @@ def _runner_gone(area: Path) -> Iterator[bool]:
     except FileNotFoundError:  # its runner closed (or another runner adopted it) while we looked
         yield True
         return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # also releases the flock
+    with held_if_free(fd) as free:
+        yield free
 
 
 def _dead_letter_file(
